@@ -1,0 +1,1 @@
+"""Callbacks for consistency-model runs (evaluation EMA, sample grids, FID): see the open issues."""

@@ -1,0 +1,37 @@
+"""The ``cm-lightning`` command: LightningCLI over ConsistencyTrainingModule and any image DataModule.
+
+    cm-lightning fit --config configs/mnist_quickstart.yaml --data.data_dir ../shared/data
+"""
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from cm_lightning import ConsistencyTrainingModule
+from datamodules import ImageDataModule
+
+
+class ConsistencyCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data decides the image geometry; the model is told, the user is not asked twice.
+        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+
+
+def main(args: list[str] | None = None) -> None:
+    ConsistencyCLI(
+        ConsistencyTrainingModule,
+        ImageDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+            "callbacks": [LearningRateMonitor(logging_interval="step")],
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""ConsistencyTrainingModule: consistency training (CT / iCT) as a LightningModule.
+
+The math lives in small functions (``karras``, ``recipes``, ``losses``,
+``consistency``); this module only orchestrates: draw σ pairs for the global
+step, compute the loss, log it, move the target network after each step.
+"""
+
+import copy
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from cm_lightning.consistency import ConsistencyFunction, multistep_sample, validate_sampling_sigmas
+from cm_lightning.karras import karras_sigmas, validate_sigma_range
+from cm_lightning.losses import METRICS
+from cm_lightning.recipes import DEFAULTS, make_recipe
+from cm_lightning.unet import UNet
+
+
+class ConsistencyTrainingModule(LightningModule):
+    """Consistency training of f_θ from data alone (CM paper Algorithm 3; iCT)."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 3,
+        model_channels: int = 128,
+        channel_mult: list[int] = [2, 2, 2],
+        num_res_blocks: int = 4,
+        attn_resolutions: list[int] = [16],
+        dropout: float = 0.0,
+        embedding_type: Literal["fourier", "positional"] = "fourier",
+        recipe: Literal["ct", "ict"] = "ict",
+        loss: Literal["l2", "l1", "pseudo_huber"] | None = None,
+        s0: int | None = None,
+        s1: int | None = None,
+        mu0: float = 0.9,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        total_steps: int | None = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        rho: float = 7.0,
+        val_num_scales: int = 40,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        """
+        Args:
+            image_size: side of the square images; linked from the DataModule by the CLI.
+            channels: image channels (1 or 3); linked from the DataModule by the CLI.
+            model_channels: UNet base width (128 in the papers' CIFAR-10 net).
+            channel_mult: width multiplier per resolution level; the net halves the image len-1 times.
+            num_res_blocks: residual blocks per level (4 in the papers' CIFAR-10 net).
+            attn_resolutions: resolutions (pixels per side) that get self-attention.
+            dropout: dropout rate in the residual blocks (iCT uses 0.3 on CIFAR-10).
+            embedding_type: noise embedding of c_noise(σ): NCSN++ "fourier" or DDPM++ "positional".
+            recipe: "ct" (Song et al. 2023) or "ict" (Song & Dhariwal 2023); see DESIGN.md §2.
+            loss: distance d; None takes the recipe's ("l2" for ct, "pseudo_huber" for ict).
+            s0: initial discretisation steps; None takes the recipe's (ct 2, ict 10).
+            s1: final discretisation steps; None takes the recipe's (ct 150, ict 1280).
+            mu0: target EMA decay at the start of the ct curriculum.
+            p_mean: mean of ln σ for the iCT index distribution.
+            p_std: standard deviation of ln σ for the iCT index distribution.
+            total_steps: K of the curriculum; None takes the Trainer's total optimizer steps.
+            sigma_min: smallest noise level ε (boundary condition f(x, σ_min) = x).
+            sigma_max: largest noise level T, where sampling starts.
+            sigma_data: standard deviation of the data (images in [-1, 1]).
+            rho: Karras discretisation exponent ρ.
+            val_num_scales: the validation loss uses the fixed σ pairs of this Karras grid.
+            optimizer: optimizer factory; None is Adam(lr=1e-4), the iCT setting.
+            lr_scheduler: optional LR schedule factory, stepped every optimizer step.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        validate_sigma_range(sigma_min, sigma_max, sigma_data, rho)
+        if loss is not None and loss not in METRICS:
+            raise ValueError(f"loss must be one of {tuple(METRICS)} or None, got {loss!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 or None, got {total_steps}")
+        if val_num_scales < 2:
+            raise ValueError(f"val_num_scales must be >= 2, got {val_num_scales}")
+        self.recipe = make_recipe(recipe, s0, s1, mu0, p_mean, p_std)
+        self.metric = METRICS[loss or DEFAULTS[recipe]["loss"]]
+        net = UNet(image_size, channels, model_channels, channel_mult, num_res_blocks, attn_resolutions, dropout, embedding_type)
+        self.online = ConsistencyFunction(net, sigma_min, sigma_data)
+        # iCT's target is stop-gradient(θ): the online network itself, no copy (μ ≡ 0).
+        self.target = copy.deepcopy(self.online).requires_grad_(False) if recipe == "ct" else None
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self._total_steps = total_steps
+
+    # -- curriculum ---------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        for name in ("image_size", "channels"):
+            if dm is not None and getattr(dm, name, self.hparams[name]) != self.hparams[name]:
+                raise ValueError(f"the data has {name}={getattr(dm, name)} but the model has {name}={self.hparams[name]}")
+        if stage == "fit" and self._total_steps is None:
+            steps = self.trainer.estimated_stepping_batches
+            if steps == float("inf"):
+                raise ValueError("total_steps is unset and the Trainer has no end: set --trainer.max_steps or --model.total_steps")
+            self._total_steps = int(steps)
+
+    def num_scales(self, k: int) -> int:
+        """N(k) of the recipe at global step k (clamped to K)."""
+        return self.recipe.num_scales(min(k, self._total_steps), self._total_steps)
+
+    # -- loss ---------------------------------------------------------------------------------
+
+    def consistency_loss(self, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor) -> Tensor:
+        """λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)), averaged (CM eq. 10; iCT eq. 9).
+
+        The target forward replays the student's RNG state, so with dropout both see the same mask.
+        """
+        target_fn = self.target if self.target is not None else self.online
+        rng = _RNGState(x.device)
+        student = self.online(x + _bcast(sigma_next) * z, sigma_next)
+        rng.restore()
+        with torch.no_grad():
+            target = target_fn(x + _bcast(sigma_n) * z, sigma_n)
+        return (self.recipe.weight(sigma_n, sigma_next) * self.metric(student, target)).mean()
+
+    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
+        x = _images(batch)
+        num_scales = self.num_scales(self.global_step)
+        sigmas = karras_sigmas(num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
+        sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in self.recipe.draw_pairs(sigmas, len(x)))
+        loss = self.consistency_loss(x, torch.randn_like(x), sigma_n, sigma_next)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/num_scales", float(num_scales))
+        self.log("train/target_ema", self.recipe.target_ema(num_scales))
+        return loss
+
+    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        """CT loss on fixed σ pairs and seeded noise, so values are comparable across steps and runs."""
+        x = _images(batch)
+        sigmas = karras_sigmas(self.hparams.val_num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
+        n = torch.arange(len(x)) % (len(sigmas) - 1)
+        sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in (sigmas[n], sigmas[n + 1]))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch_idx)).to(x.device)
+        loss = self.consistency_loss(x, z, sigma_n, sigma_next)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    # -- optimisation -------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        params = self.online.parameters()
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-4)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """One optimizer step, then θ⁻ ← μ(k) θ⁻ + (1 − μ(k)) θ with k the step just taken (ct only)."""
+        mu = self.recipe.target_ema(self.num_scales(self.global_step))
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.target is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), 1 - mu)
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int, sigmas: Sequence[float] = (80.0,), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W), with one step per σ in ``sigmas``.
+
+        ``sigmas=(80.0,)`` is one-step generation; ``(80.0, 0.8)`` two steps (CM paper, Algorithm 1).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        validate_sampling_sigmas(sigmas, self.hparams.sigma_min, self.hparams.sigma_max)
+        shape = (num_samples, self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        was_training = self.online.training
+        self.online.eval()
+        try:
+            return multistep_sample(self.online, shape, sigmas, self.hparams.sigma_min, generator, self.device)
+        finally:
+            self.online.train(was_training)
+
+
+def _images(batch: Tensor | Sequence[Tensor]) -> Tensor:
+    """Accept bare image batches and (image, label) pairs."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _bcast(sigma: Tensor) -> Tensor:
+    return sigma.reshape(-1, 1, 1, 1)
+
+
+class _RNGState:
+    """Snapshot of the generator that draws dropout masks on ``device`` (CPU or an accelerator)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.state = torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
+
+    def restore(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_rng_state(self.state)
+        else:
+            torch.get_device_module(self.device).set_rng_state(self.state, self.device)

@@ -1,0 +1,181 @@
+"""A UNet of the DDPM++/NCSN++ family (Song et al. 2021; EDM's ``SongUNet`` layout).
+
+Residual blocks with adaptive group-norm scale/shift from the noise embedding,
+skip scaling 1/√2, self-attention at chosen resolutions, a Fourier (NCSN++) or
+positional (DDPM++) noise embedding, and zero-initialised output layers so that
+F_θ starts at 0 and f_θ at c_skip·x.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EMBEDDINGS = ("fourier", "positional")
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of c_noise (NCSN++, Song et al. 2021, Appendix H)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
+
+    def forward(self, c: Tensor) -> Tensor:
+        x = c.outer(2 * math.pi * self.freqs)
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoids of 1000·c_noise, the scale the official CM code feeds DDPM++."""
+
+    def __init__(self, dim: int, max_positions: int = 10000, scale: float = 1000.0):
+        super().__init__()
+        freqs = (1 / max_positions) ** (torch.arange(dim // 2) / (dim // 2))
+        self.register_buffer("freqs", freqs)
+        self.scale = scale
+
+    def forward(self, c: Tensor) -> Tensor:
+        x = (self.scale * c).outer(self.freqs)
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over pixels, 64 channels per head as in NCSN++."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.heads = max(1, channels // 64)
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return self.proj(out)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, adaptive scale/shift from the embedding, optional resampling and attention."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, resample: str = "", attention: bool = False):
+        super().__init__()
+        self.resample = resample
+        self.norm0 = _norm(c_in)
+        self.conv0 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.affine = nn.Linear(emb_dim, 2 * c_out)
+        self.norm1 = _norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = Attention(c_out) if attention else None
+
+    def _resample(self, x: Tensor) -> Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv0(self._resample(F.silu(self.norm0(x))))
+        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        x = (self.skip(self._resample(x)) + self.conv1(self.dropout(h))) / math.sqrt(2)
+        if self.attn is not None:
+            x = (x + self.attn(x)) / math.sqrt(2)
+        return x
+
+
+def validate_unet(image_size: int, channel_mult: list[int], attn_resolutions: list[int], embedding_type: str) -> None:
+    """Refuse a layout the UNet cannot build, naming the argument and what is accepted."""
+    if not channel_mult or min(channel_mult) < 1:
+        raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {channel_mult}")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size < factor or image_size % factor:
+        raise ValueError(
+            f"image_size={image_size} cannot be halved {len(channel_mult) - 1} times "
+            f"(channel_mult={channel_mult}): it must be a multiple of {factor}"
+        )
+    present = [image_size // 2**i for i in range(len(channel_mult))]
+    missing = sorted(set(attn_resolutions) - set(present))
+    if missing:
+        raise ValueError(f"attn_resolutions={attn_resolutions} has {missing}, not in the net; resolutions present: {present}")
+    if embedding_type not in EMBEDDINGS:
+        raise ValueError(f"embedding_type must be one of {EMBEDDINGS}, got {embedding_type!r}")
+
+
+class UNet(nn.Module):
+    """F_θ(c_in x, c_noise) for square images of side ``image_size``."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 3,
+        model_channels: int = 128,
+        channel_mult: list[int] = (2, 2, 2),
+        num_res_blocks: int = 4,
+        attn_resolutions: list[int] = (16,),
+        dropout: float = 0.0,
+        embedding_type: str = "fourier",
+    ):
+        super().__init__()
+        validate_unet(image_size, list(channel_mult), list(attn_resolutions), embedding_type)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        emb_dim = 4 * model_channels
+        embed = FourierEmbedding if embedding_type == "fourier" else PositionalEmbedding
+        self.embed = embed(model_channels)
+        self.map = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU())
+        self.conv_in = nn.Conv2d(channels, model_channels, 3, padding=1)
+
+        self.down, skips, c = nn.ModuleList(), [model_channels], model_channels
+        for level, mult in enumerate(channel_mult):
+            res = image_size >> level
+            if level > 0:
+                self.down.append(ResBlock(c, c, emb_dim, dropout, resample="down"))
+                skips.append(c)
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(c, model_channels * mult, emb_dim, dropout, attention=res in attn_resolutions))
+                c = model_channels * mult
+                skips.append(c)
+
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout, attention=True), ResBlock(c, c, emb_dim, dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = image_size >> level
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), model_channels * mult, emb_dim, dropout, attention=res in attn_resolutions))
+                c = model_channels * mult
+            if level > 0:
+                self.up.append(ResBlock(c, c, emb_dim, dropout, resample="up"))
+        self.out = nn.Sequential(_norm(c), nn.SiLU(), _zero(nn.Conv2d(c, channels, 3, padding=1)))
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # the embedding stays float32 under AMP
+            emb = self.embed(c_noise.float())
+        emb = self.map(emb)
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1) if block.resample != "up" else h, emb)
+        return self.out(h)

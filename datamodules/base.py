@@ -1,0 +1,70 @@
+"""Shared DataModule plumbing: loaders, the held-out validation split, [-1, 1] scaling."""
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, random_split
+
+
+class UInt8Images(Dataset):
+    """uint8 images (N, C, H, W) in memory, returned as floats in [-1, 1] after an optional transform."""
+
+    def __init__(self, images: Tensor, transform=None):
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        x = self.images[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x.float() / 127.5 - 1
+
+
+class ImageDataModule(LightningDataModule):
+    """Base class: subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``."""
+
+    image_size: int
+    channels: int
+
+    def __init__(self, data_dir: str, batch_size: int, num_workers: int, download: bool, val_fraction: float, seed: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.download = download
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def split(self, dataset: Dataset) -> tuple[Dataset, Dataset]:
+        """Hold out ``val_fraction`` of ``dataset``, the same images on every run and rank."""
+        n_val = max(1, round(len(dataset) * self.val_fraction))
+        return tuple(random_split(dataset, [len(dataset) - n_val, n_val], torch.Generator().manual_seed(self.seed)))
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

@@ -1,0 +1,55 @@
+"""CIFAR-10 (32×32 RGB) scaled to [-1, 1], with random horizontal flips for training."""
+
+import torch
+from torch.utils.data import Subset
+from torchvision.datasets import CIFAR10
+from torchvision.transforms import v2
+
+from datamodules.base import ImageDataModule, UInt8Images
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 read by torchvision from ``<data_dir>/cifar-10-batches-py``; 50,000 train (minus validation), 10,000 test."""
+
+    image_size = 32
+    channels = 3
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 512,
+        num_workers: int = 0,
+        download: bool = False,
+        val_fraction: float = 0.02,
+        random_flip: bool = True,
+    ):
+        """
+        Args:
+            data_dir: folder holding ``cifar-10-batches-py`` (torchvision's layout).
+            batch_size: images per batch on each device (the global batch is this × devices × nodes).
+            num_workers: DataLoader worker processes; the images sit in memory, so 0 is usually fastest.
+            download: fetch the archive in ``prepare_data`` if it is missing (needs internet).
+            val_fraction: share of the training set held out for validation.
+            random_flip: random horizontal flips of training images (both papers use them).
+        """
+        super().__init__(data_dir, batch_size, num_workers, download, val_fraction)
+        self.random_flip = random_flip
+
+    def prepare_data(self) -> None:
+        if self.download:
+            CIFAR10(self.data_dir, train=True, download=True)
+            CIFAR10(self.data_dir, train=False, download=True)
+
+    def _images(self, train: bool) -> torch.Tensor:
+        data = CIFAR10(self.data_dir, train=train, download=False).data  # (N, 32, 32, 3) uint8 numpy
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            images = self._images(train=True)
+            train_idx, val_idx = (s.indices for s in self.split(range(len(images))))
+            flip = v2.RandomHorizontalFlip() if self.random_flip else None
+            self.train_set = Subset(UInt8Images(images, flip), train_idx)
+            self.val_set = Subset(UInt8Images(images), val_idx)
+        if stage in ("test", "predict"):
+            self.test_set = UInt8Images(self._images(train=False))

@@ -1,0 +1,89 @@
+"""Any folder of images (flat, or in class sub-folders), resized and centre-cropped to a square."""
+
+from pathlib import Path
+
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from datamodules.base import ImageDataModule, UInt8Images
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under ``root`` at any depth, sorted, by torchvision's list of extensions."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {str(root)!r}")
+    return files
+
+
+class ImageFiles(Dataset):
+    """Images read from disk as uint8 (C, H, W) tensors in ``mode`` ("L" or "RGB") after ``transform``."""
+
+    def __init__(self, files: list[Path], mode: str, transform):
+        self.files, self.mode, self.transform = files, mode, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert(self.mode))
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images under ``data_dir`` (class sub-folders are allowed and ignored), scaled to [-1, 1]."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        download: bool = False,
+        val_fraction: float = 0.02,
+        random_flip: bool = False,
+        test_dir: str | None = None,
+    ):
+        """
+        Args:
+            data_dir: folder of images, searched recursively.
+            image_size: images are resized (shorter side) and centre-cropped to this square side.
+            channels: 1 reads images as greyscale, 3 as RGB.
+            batch_size: images per batch on each device (the global batch is this × devices × nodes).
+            num_workers: DataLoader worker processes decoding images.
+            download: accepted for a uniform CLI; a local folder has nothing to download.
+            val_fraction: share of the images held out for validation.
+            random_flip: random horizontal flips of training images.
+            test_dir: folder of reference images for ``test``; None reuses the validation images.
+        """
+        super().__init__(data_dir, batch_size, num_workers, download, val_fraction)
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+        self.image_size, self.channels = image_size, channels
+        self.random_flip, self.test_dir = random_flip, test_dir
+
+    def _dataset(self, files: list[Path], flip: bool) -> UInt8Images:
+        steps = [v2.Resize(self.image_size), v2.CenterCrop(self.image_size), v2.PILToTensor()]
+        steps += [v2.RandomHorizontalFlip()] if flip else []
+        return UInt8Images(ImageFiles(files, "L" if self.channels == 1 else "RGB", v2.Compose(steps)))
+
+    def setup(self, stage: str) -> None:
+        files = list_images(self.data_dir)
+        train, val = self.split(range(len(files)))
+        if stage in ("fit", "validate"):
+            self.train_set = Subset(self._dataset(files, self.random_flip), train.indices)
+            self.val_set = Subset(self._dataset(files, False), val.indices)
+        if stage in ("test", "predict"):
+            if self.test_dir:
+                self.test_set = self._dataset(list_images(self.test_dir), False)
+            else:
+                self.test_set = Subset(self._dataset(files, False), val.indices)

@@ -1,0 +1,46 @@
+"""MNIST, zero-padded from 28×28 to 32×32 so the UNet can halve it, scaled to [-1, 1]."""
+
+import torch.nn.functional as F
+from torchvision.datasets import MNIST
+
+from datamodules.base import ImageDataModule, UInt8Images
+
+
+class MNISTDataModule(ImageDataModule):
+    """MNIST read by torchvision from ``<data_dir>/MNIST/raw``; 60,000 train (minus validation), 10,000 test."""
+
+    image_size = 32
+    channels = 1
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        download: bool = False,
+        val_fraction: float = 1 / 60,
+    ):
+        """
+        Args:
+            data_dir: folder holding ``MNIST/raw`` (torchvision's layout); ``../shared/data`` offline.
+            batch_size: images per batch on each device (the global batch is this × devices × nodes).
+            num_workers: DataLoader worker processes; the images sit in memory, so 0 is usually fastest.
+            download: fetch the files in ``prepare_data`` if they are missing (needs internet).
+            val_fraction: share of the training set held out for validation.
+        """
+        super().__init__(data_dir, batch_size, num_workers, download, val_fraction)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            MNIST(self.data_dir, train=True, download=True)
+            MNIST(self.data_dir, train=False, download=True)
+
+    def _load(self, train: bool) -> UInt8Images:
+        data = MNIST(self.data_dir, train=train, download=False).data  # (N, 28, 28) uint8
+        return UInt8Images(F.pad(data, (2, 2, 2, 2))[:, None])
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            self.train_set, self.val_set = self.split(self._load(train=True))
+        if stage in ("test", "predict"):
+            self.test_set = self._load(train=False)

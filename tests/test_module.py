@@ -1,0 +1,159 @@
+"""ConsistencyTrainingModule: loss, dropout masks, target update, curriculum K, sampling, bad arguments."""
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from cm_lightning import ConsistencyTrainingModule
+from cm_lightning.losses import pseudo_huber, squared_l2
+from cm_lightning.recipes import ct_num_scales, ct_target_ema
+from tests.conftest import TINY_NET
+
+
+def tiny(**kwargs) -> ConsistencyTrainingModule:
+    return ConsistencyTrainingModule(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
+
+
+def randomise(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+
+
+def make_trainer(tmp_path, **kwargs) -> Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    return Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("recipe, metric", [("ict", pseudo_huber), ("ct", squared_l2)])
+def test_consistency_loss_matches_definition(recipe, metric):
+    torch.manual_seed(0)
+    m = tiny(recipe=recipe)
+    randomise(m.online)
+    if m.target is not None:
+        randomise(m.target)  # θ⁻ ≠ θ
+    x, z = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    sn, snext = torch.tensor([0.002, 0.1, 1.0, 40.0]), torch.tensor([0.01, 0.2, 1.5, 80.0])
+    target_fn = m.target if recipe == "ct" else m.online
+    with torch.no_grad():
+        student = m.online(x + snext.view(-1, 1, 1, 1) * z, snext)
+        target = target_fn(x + sn.view(-1, 1, 1, 1) * z, sn)
+    weight = 1 / (snext - sn) if recipe == "ict" else torch.ones(4)
+    want = (weight * metric(student, target)).mean()
+    got = m.consistency_loss(x, z, sn, snext)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert all(p.grad is None for p in target_fn.parameters()) if recipe == "ct" else True
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.online.parameters())
+
+
+def test_student_and_target_share_the_dropout_mask():
+    torch.manual_seed(0)
+    m = tiny(recipe="ct", dropout=0.5)  # target is a copy of the online net at init
+    randomise(m.online)
+    m.target.load_state_dict(m.online.state_dict())
+    m.train()
+    x, z, s = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16), torch.full((4,), 1.0)
+    # dropout is live: two plain forwards differ ...
+    assert not torch.equal(m.online(x, s), m.online(x, s))
+    # ... but the loss at σ_n = σ_{n+1} with θ⁻ = θ is exactly zero: same mask in both branches
+    assert m.consistency_loss(x, z, s, s).item() == 0.0
+
+
+class Snapshots(Callback):
+    """Online and target weights just before and just after each training step."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    @staticmethod
+    def _copy(m):
+        return {k: v.clone() for k, v in m.online.state_dict().items()}, {k: v.clone() for k, v in m.target.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
+        self.before.append(self._copy(m))
+
+    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
+        self.after.append(self._copy(m))
+
+
+def test_training_updates_target_by_mu_of_the_step_and_sets_total_steps(tmp_path):
+    torch.manual_seed(0)
+    m = tiny(recipe="ct", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    snaps = Snapshots()
+    data = DataLoader(torch.rand(12, 1, 16, 16) * 2 - 1, batch_size=4)
+    make_trainer(tmp_path, max_steps=3, callbacks=[snaps]).fit(m, data)
+    assert m._total_steps == 3 and m.global_step == 3
+    for k in range(3):
+        mu = ct_target_ema(ct_num_scales(k, 3))  # N(k) of K = 3: 2, 107-ish, ...
+        (_, target0), (online1, target1) = snaps.before[k], snaps.after[k]
+        for name, t in target1.items():
+            torch.testing.assert_close(t, mu * target0[name] + (1 - mu) * online1[name], rtol=1e-5, atol=1e-7)
+    assert ct_num_scales(0, 3) == 2 and ct_num_scales(2, 3) > 100  # the curriculum did move
+
+
+def test_total_steps_from_max_epochs(tmp_path):
+    m = tiny(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    data = DataLoader(torch.rand(12, 1, 16, 16) * 2 - 1, batch_size=4)
+    make_trainer(tmp_path, max_epochs=2).fit(m, data)
+    assert m._total_steps == 6 and m.global_step == 6
+
+
+def test_unbounded_trainer_needs_total_steps(tmp_path):
+    m = tiny()
+    data = DataLoader(torch.rand(4, 1, 16, 16), batch_size=4)
+    with pytest.raises(ValueError, match="total_steps is unset and the Trainer has no end"):
+        make_trainer(tmp_path, max_epochs=-1, max_steps=-1).fit(m, data)
+
+
+def test_sample_shape_range_and_seed():
+    torch.manual_seed(0)
+    m = tiny()
+    randomise(m.online)
+    one = m.sample(5, generator=torch.Generator().manual_seed(1))
+    again = m.sample(5, generator=torch.Generator().manual_seed(1))
+    two = m.sample(5, sigmas=(80.0, 0.8), generator=torch.Generator().manual_seed(1))
+    assert one.shape == (5, 1, 16, 16) and one.min() >= -1 and one.max() <= 1
+    assert torch.equal(one, again) and not torch.equal(one, two)
+    assert m.online.training  # sampling restores the mode it found
+
+
+@pytest.mark.parametrize(
+    "sigmas, message",
+    [((), "at least one noise level"), ((80.0, 80.0), "strictly decreasing"), ((0.8, 80.0), "strictly decreasing"),
+     ((100.0,), r"must lie in \(sigma_min, sigma_max\]"), ((80.0, 0.002), r"must lie in \(sigma_min, sigma_max\]")],
+)
+def test_sample_rejects_bad_schedules(sigmas, message):
+    with pytest.raises(ValueError, match=message):
+        tiny().sample(2, sigmas=sigmas)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sigma_min=80.0), "sigma_min < sigma_max"),
+        (dict(rho=-1.0), "rho must be a finite number > 0, got -1.0"),
+        (dict(recipe="ct", s0=5, s1=3), "s1 must be >= s0, got s0=5, s1=3"),
+        (dict(recipe="cd"), "recipe must be one of"),
+        (dict(loss="lpips"), "loss must be one of"),
+        (dict(image_size=18, channel_mult=[1, 2, 2], attn_resolutions=[]), r"image_size=18 cannot be halved 2 times \(channel_mult=\[1, 2, 2\]\): it must be a multiple of 4"),
+        (dict(attn_resolutions=[4]), r"attn_resolutions=\[4\] has \[4\], not in the net; resolutions present: \[16, 8\]"),
+        (dict(channels=2), "channels must be 1 or 3, got 2"),
+        (dict(embedding_type="learned"), "embedding_type must be one of"),
+        (dict(dropout=1.0), r"dropout must lie in \[0, 1\), got 1.0"),
+    ],
+)
+def test_bad_model_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+def test_channels_mismatch_with_data_is_refused_before_training(tmp_path, fake_mnist):
+    from datamodules import MNISTDataModule
+
+    m = ConsistencyTrainingModule(image_size=32, channels=3, **TINY_NET)
+    with pytest.raises(ValueError, match="the data has channels=1 but the model has channels=3"):
+        make_trainer(tmp_path, max_steps=1).fit(m, datamodule=MNISTDataModule(str(fake_mnist), batch_size=4))
+    assert m.global_step == 0
