@@ -19,8 +19,9 @@ class ConsistencyCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
 
 
-def main(args: list[str] | None = None) -> None:
-    ConsistencyCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI:
+    """The CLI with the project's defaults; ``run=False`` parses and instantiates without a subcommand."""
+    return ConsistencyCLI(
         ConsistencyTrainingModule,
         ImageDataModule,
         subclass_mode_data=True,
@@ -30,7 +31,13 @@ def main(args: list[str] | None = None) -> None:
         },
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``cm-lightning`` and ``python cli.py``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

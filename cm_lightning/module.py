@@ -104,7 +104,7 @@ class ConsistencyTrainingModule(LightningModule):
         for name in ("image_size", "channels"):
             if dm is not None and getattr(dm, name, self.hparams[name]) != self.hparams[name]:
                 raise ValueError(f"the data has {name}={getattr(dm, name)} but the model has {name}={self.hparams[name]}")
-        if stage == "fit" and self._total_steps is None:
+        if stage == "fit" and self.hparams.total_steps is None:
             steps = self.trainer.estimated_stepping_batches
             if steps == float("inf"):
                 raise ValueError("total_steps is unset and the Trainer has no end: set --trainer.max_steps or --model.total_steps")

@@ -1,0 +1,102 @@
+"""DataModules on fake files in torchvision's on-disk formats: shapes, [-1, 1] scaling, splits, errors."""
+
+import pytest
+import torch
+import torchvision.datasets.cifar
+
+from datamodules import CIFAR10DataModule, ImageFolderDataModule, MNISTDataModule
+from tests.conftest import write_images
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def test_mnist_pads_to_32_and_scales(fake_mnist):
+    dm = MNISTDataModule(str(fake_mnist), batch_size=8, val_fraction=0.25)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (dm.image_size, dm.channels) == (32, 1)
+    assert (len(dm.train_set), len(dm.val_set)) == (90, 30)
+    x = first_batch(dm.train_dataloader())
+    assert x.shape == (8, 1, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert torch.all(x[:, :, :2] == -1) and torch.all(x[:, :, :, -2:] == -1)  # zero padding → -1
+    raw = torchvision.datasets.MNIST(str(fake_mnist), train=True).data[dm.val_set.indices[0]]
+    assert torch.equal(dm.val_set[0][0, 2:30, 2:30], raw.float() / 127.5 - 1)
+    dm.setup("test")
+    assert len(dm.test_set) == 30
+
+
+def test_validation_split_is_the_same_every_time(fake_mnist):
+    a, b = MNISTDataModule(str(fake_mnist)), MNISTDataModule(str(fake_mnist))
+    a.setup("fit"), b.setup("fit")
+    assert a.val_set.indices == b.val_set.indices
+
+
+def test_mnist_missing_files_say_where(tmp_path):
+    dm = MNISTDataModule(str(tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="Dataset not found"):
+        dm.setup("fit")
+
+
+@pytest.fixture
+def skip_cifar_md5(monkeypatch):
+    """Fake batches cannot match torchvision's md5 sums; the format and the reading stay real."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+
+def test_cifar10_reads_batches_and_flips(fake_cifar10, skip_cifar_md5):
+    dm = CIFAR10DataModule(str(fake_cifar10), batch_size=10, val_fraction=0.1)
+    dm.setup("fit")
+    assert (dm.image_size, dm.channels) == (32, 3)
+    assert (len(dm.train_set), len(dm.val_set)) == (90, 10)
+    x = first_batch(dm.train_dataloader())
+    assert x.shape == (10, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    raw = torch.from_numpy(torchvision.datasets.CIFAR10(str(fake_cifar10)).data).permute(0, 3, 1, 2)
+    i = dm.train_set.indices[0]
+    want = raw[i].float() / 127.5 - 1
+    draws = torch.stack([dm.train_set[0] for _ in range(40)])
+    assert all(torch.equal(d, want) or torch.equal(d, want.flip(-1)) for d in draws)  # the image or its mirror
+    assert any(torch.equal(d, want) for d in draws) and any(torch.equal(d, want.flip(-1)) for d in draws)
+    assert torch.equal(dm.val_set[0], raw[dm.val_set.indices[0]].float() / 127.5 - 1)  # no flips in validation
+    dm.setup("test")
+    assert len(dm.test_set) == 20
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_class_subfolders_and_resizing(tmp_path, channels):
+    write_images(tmp_path / "cats", 6, (48, 40))
+    write_images(tmp_path / "dogs", 6, (40, 48), mode="L")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, channels=channels, batch_size=4, num_workers=0, val_fraction=0.25)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (9, 3)
+    x = first_batch(dm.train_dataloader())
+    assert x.shape == (4, channels, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_image_folder_flat_and_test_dir(tmp_path):
+    write_images(tmp_path / "train", 10, (32, 32), mode="RGBA")
+    write_images(tmp_path / "ref", 4, (32, 32))
+    dm = ImageFolderDataModule(str(tmp_path / "train"), image_size=32, num_workers=0, test_dir=str(tmp_path / "ref"))
+    dm.setup("test")
+    assert len(dm.test_set) == 4 and dm.test_set[0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: ImageFolderDataModule(str(p), channels=4), r"channels must be 1 \(greyscale\) or 3 \(RGB\), got 4"),
+        (lambda p: MNISTDataModule(str(p), batch_size=0), "batch_size must be >= 1, got 0"),
+        (lambda p: CIFAR10DataModule(str(p), val_fraction=1.0), r"val_fraction must lie in \(0, 1\), got 1.0"),
+    ],
+)
+def test_bad_datamodule_arguments_are_named(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path)
+
+
+def test_image_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolderDataModule(str(tmp_path)).setup("fit")
