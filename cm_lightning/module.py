@@ -122,10 +122,10 @@ class ConsistencyTrainingModule(LightningModule):
         The target forward replays the student's RNG state, so with dropout both see the same mask.
         """
         target_fn = self.target if self.target is not None else self.online
-        rng = _RNGState(x.device)
-        student = self.online(x + _bcast(sigma_next) * z, sigma_next)
-        rng.restore()
-        with torch.no_grad():
+        device = x.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+            student = self.online(x + _bcast(sigma_next) * z, sigma_next)
+        with torch.no_grad():  # the RNG is back where the student's forward found it
             target = target_fn(x + _bcast(sigma_n) * z, sigma_n)
         return (self.recipe.weight(sigma_n, sigma_next) * self.metric(student, target)).mean()
 
@@ -140,14 +140,23 @@ class ConsistencyTrainingModule(LightningModule):
         self.log("train/target_ema", self.recipe.target_ema(num_scales))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_seen = 0
+
     def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        """CT loss on fixed σ pairs and seeded noise, so values are comparable across steps and runs."""
+        """CT loss on fixed σ pairs and fixed noise, so values are comparable across steps and runs.
+
+        The i-th validation image (in loader order) gets pair n = i mod (val_num_scales − 1) and noise
+        seeded by i: the value does not depend on the batch size.
+        """
         x = _images(batch)
+        index = torch.arange(self._val_seen, self._val_seen + len(x))
+        self._val_seen += len(x)
         sigmas = karras_sigmas(self.hparams.val_num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
-        n = torch.arange(len(x)) % (len(sigmas) - 1)
+        n = index % (len(sigmas) - 1)
         sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in (sigmas[n], sigmas[n + 1]))
-        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch_idx)).to(x.device)
-        loss = self.consistency_loss(x, z, sigma_n, sigma_next)
+        z = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
+        loss = self.consistency_loss(x, z.to(x.device), sigma_n, sigma_next)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     # -- optimisation -------------------------------------------------------------------------
@@ -197,17 +206,3 @@ def _images(batch: Tensor | Sequence[Tensor]) -> Tensor:
 
 def _bcast(sigma: Tensor) -> Tensor:
     return sigma.reshape(-1, 1, 1, 1)
-
-
-class _RNGState:
-    """Snapshot of the generator that draws dropout masks on ``device`` (CPU or an accelerator)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.state = torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
-
-    def restore(self) -> None:
-        if self.device.type == "cpu":
-            torch.set_rng_state(self.state)
-        else:
-            torch.get_device_module(self.device).set_rng_state(self.state, self.device)

@@ -157,3 +157,16 @@ def test_channels_mismatch_with_data_is_refused_before_training(tmp_path, fake_m
     with pytest.raises(ValueError, match="the data has channels=1 but the model has channels=3"):
         make_trainer(tmp_path, max_steps=1).fit(m, datamodule=MNISTDataModule(str(fake_mnist), batch_size=4))
     assert m.global_step == 0
+
+
+def test_validation_loss_is_fixed_and_independent_of_batch_size(tmp_path):
+    torch.manual_seed(0)
+    m = tiny()
+    randomise(m.online)
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    losses = [
+        make_trainer(tmp_path, limit_val_batches=1.0).validate(m, DataLoader(images, batch_size=bs), verbose=False)[0]["val/loss"]
+        for bs in (4, 8, 4)
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == losses[2]
+    assert losses[0] > 0
