@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 from cm_lightning.consistency import ConsistencyFunction, multistep_sample, validate_sampling_sigmas
+from cm_lightning.ema import validate_decays
 from cm_lightning.karras import karras_sigmas, validate_sigma_range
 from cm_lightning.losses import METRICS
 from cm_lightning.recipes import DEFAULTS, make_recipe
@@ -47,6 +48,9 @@ class ConsistencyTrainingModule(LightningModule):
         sigma_data: float = 0.5,
         rho: float = 7.0,
         val_num_scales: int = 40,
+        ema_decays: list[float] = [0.9999],
+        ema_warmup: bool = False,
+        eval_weights: str = "ema",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -73,6 +77,9 @@ class ConsistencyTrainingModule(LightningModule):
             sigma_data: standard deviation of the data (images in [-1, 1]).
             rho: Karras discretisation exponent ρ.
             val_num_scales: the validation loss uses the fixed σ pairs of this Karras grid.
+            ema_decays: decays β of the evaluation EMAs of the online weights (CM paper 0.9999, iCT 0.99993).
+            ema_warmup: cap β at (1 + n) / (10 + n) after n updates, for short runs.
+            eval_weights: weights for validation and sampling: "online", "ema" (the first decay) or "ema_<decay>".
             optimizer: optimizer factory; None is Adam(lr=1e-4), the iCT setting.
             lr_scheduler: optional LR schedule factory, stepped every optimizer step.
         """
@@ -93,9 +100,28 @@ class ConsistencyTrainingModule(LightningModule):
         self.online = ConsistencyFunction(net, sigma_min, sigma_data)
         # iCT's target is stop-gradient(θ): the online network itself, no copy (μ ≡ 0).
         self.target = copy.deepcopy(self.online).requires_grad_(False) if recipe == "ct" else None
+        validate_decays(ema_decays)
+        self.ema = nn.ModuleDict({str(i): copy.deepcopy(self.online).requires_grad_(False) for i in range(len(ema_decays))})
+        self.network(eval_weights)  # refuse an unknown name now, not at the first validation
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._total_steps = total_steps
+
+    def network(self, weights: str) -> ConsistencyFunction:
+        """The consistency function with the named weights: "online", "ema" or "ema_<decay>"."""
+        names = {"online": self.online}
+        if self.ema:
+            names["ema"] = self.ema["0"]
+        names |= {f"ema_{d}": self.ema[str(i)] for i, d in enumerate(self.hparams.ema_decays)}
+        if weights not in names:
+            raise ValueError(f"weights must be one of {sorted(names)}, got {weights!r}")
+        return names[weights]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The module needs its EMA update to be correct, so it brings the callback itself."""
+        from callbacks.ema import EMAUpdate  # callbacks import cm_lightning: import at call time
+
+        return [EMAUpdate()] if self.ema else []
 
     # -- curriculum ---------------------------------------------------------------------------
 
@@ -116,15 +142,19 @@ class ConsistencyTrainingModule(LightningModule):
 
     # -- loss ---------------------------------------------------------------------------------
 
-    def consistency_loss(self, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor) -> Tensor:
+    def consistency_loss(
+        self, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor, f: ConsistencyFunction | None = None
+    ) -> Tensor:
         """λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)), averaged (CM eq. 10; iCT eq. 9).
 
         The target forward replays the student's RNG state, so with dropout both see the same mask.
+        Given ``f``, both branches use it: the self-consistency of an evaluation network.
         """
-        target_fn = self.target if self.target is not None else self.online
+        student_fn = f or self.online
+        target_fn = f or (self.target if self.target is not None else self.online)
         device = x.device
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-            student = self.online(x + _bcast(sigma_next) * z, sigma_next)
+            student = student_fn(x + _bcast(sigma_next) * z, sigma_next)
         with torch.no_grad():  # the RNG is back where the student's forward found it
             target = target_fn(x + _bcast(sigma_n) * z, sigma_n)
         return (self.recipe.weight(sigma_n, sigma_next) * self.metric(student, target)).mean()
@@ -144,7 +174,7 @@ class ConsistencyTrainingModule(LightningModule):
         self._val_seen = 0
 
     def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        """CT loss on fixed σ pairs and fixed noise, so values are comparable across steps and runs.
+        """CT loss of the ``eval_weights`` network on fixed σ pairs and noise: comparable across steps and runs.
 
         The i-th validation image (in loader order) gets pair n = i mod (val_num_scales − 1) and noise
         seeded by i: the value does not depend on the batch size.
@@ -156,7 +186,7 @@ class ConsistencyTrainingModule(LightningModule):
         n = index % (len(sigmas) - 1)
         sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in (sigmas[n], sigmas[n + 1]))
         z = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
-        loss = self.consistency_loss(x, z.to(x.device), sigma_n, sigma_next)
+        loss = self.consistency_loss(x, z.to(x.device), sigma_n, sigma_next, self.network(self.hparams.eval_weights))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     # -- optimisation -------------------------------------------------------------------------
@@ -181,22 +211,28 @@ class ConsistencyTrainingModule(LightningModule):
 
     @torch.no_grad()
     def sample(
-        self, num_samples: int, sigmas: Sequence[float] = (80.0,), generator: torch.Generator | None = None
+        self,
+        num_samples: int,
+        sigmas: Sequence[float] = (80.0,),
+        generator: torch.Generator | None = None,
+        weights: str | None = None,
     ) -> Tensor:
         """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W), with one step per σ in ``sigmas``.
 
         ``sigmas=(80.0,)`` is one-step generation; ``(80.0, 0.8)`` two steps (CM paper, Algorithm 1).
+        ``weights`` names the network ("online", "ema", "ema_<decay>"); None takes ``eval_weights``.
         """
+        f = self.network(weights or self.hparams.eval_weights)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         validate_sampling_sigmas(sigmas, self.hparams.sigma_min, self.hparams.sigma_max)
         shape = (num_samples, self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
-        was_training = self.online.training
-        self.online.eval()
+        was_training = f.training
+        f.eval()
         try:
-            return multistep_sample(self.online, shape, sigmas, self.hparams.sigma_min, generator, self.device)
+            return multistep_sample(f, shape, sigmas, self.hparams.sigma_min, generator, self.device)
         finally:
-            self.online.train(was_training)
+            f.train(was_training)
 
 
 def _images(batch: Tensor | Sequence[Tensor]) -> Tensor:

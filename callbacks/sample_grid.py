@@ -1,0 +1,77 @@
+"""Sample grids from fixed noise, to TensorBoard and to PNG files, during training."""
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+from cm_lightning.consistency import validate_sampling_sigmas
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training, one grid per sampling schedule.
+
+    The noise comes from a generator seeded with ``seed`` each time, so grids are comparable across
+    steps. Rank zero samples and writes; the other ranks go on (sampling needs no collective).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        schedules: list[list[float]] = [[80.0], [80.0, 0.8]],
+        seed: int = 0,
+        weights: str | None = None,
+    ):
+        """
+        Args:
+            every_n_steps: optimizer steps between grids.
+            num_samples: images per grid.
+            schedules: noise levels per grid: [80.0] is one step, [80.0, 0.8] two steps.
+            seed: seed of the fixed noise.
+            weights: "online", "ema" or "ema_<decay>"; None takes the module's ``eval_weights``.
+        """
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not schedules:
+            raise ValueError("schedules must hold at least one list of noise levels, e.g. [[80.0]]")
+        self.every_n_steps, self.num_samples, self.schedules = every_n_steps, num_samples, schedules
+        self.seed, self.weights = seed, weights
+        self._last_written = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for sigmas in self.schedules:  # refuse a bad schedule before training, not at step N
+            validate_sampling_sigmas(sigmas, pl_module.hparams.sigma_min, pl_module.hparams.sigma_max)
+        pl_module.network(self.weights or pl_module.hparams.eval_weights)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self._last_written or not trainer.is_global_zero:
+            return
+        self._last_written = step
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for sigmas in self.schedules:
+            x = pl_module.sample(self.num_samples, sigmas, torch.Generator().manual_seed(self.seed), self.weights)
+            grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), normalize=True, value_range=(-1, 1))
+            name = "-".join(f"{s:g}" for s in sigmas)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"samples/sigmas_{name}", grid, step)
+            path = folder / f"step{step:07d}_sigmas_{name}.png"
+            tmp = path.with_name(path.stem + ".tmp.png")
+            save_image(grid, tmp)
+            os.replace(tmp, path)  # never a half-written PNG under the final name
