@@ -2,7 +2,8 @@
 
 The math lives in small functions (``karras``, ``recipes``, ``losses``,
 ``consistency``); this module only orchestrates: draw σ pairs for the global
-step, compute the loss, log it, move the target network after each step.
+step, compute the loss, log it, move the target network after each step. The
+evaluation EMAs live here too (so checkpoints carry them); ``callbacks.EMAUpdate`` moves them.
 """
 
 import copy
@@ -94,13 +95,13 @@ class ConsistencyTrainingModule(LightningModule):
             raise ValueError(f"total_steps must be >= 1 or None, got {total_steps}")
         if val_num_scales < 2:
             raise ValueError(f"val_num_scales must be >= 2, got {val_num_scales}")
+        validate_decays(ema_decays)
         self.recipe = make_recipe(recipe, s0, s1, mu0, p_mean, p_std)
         self.metric = METRICS[loss or DEFAULTS[recipe]["loss"]]
         net = UNet(image_size, channels, model_channels, channel_mult, num_res_blocks, attn_resolutions, dropout, embedding_type)
         self.online = ConsistencyFunction(net, sigma_min, sigma_data)
         # iCT's target is stop-gradient(θ): the online network itself, no copy (μ ≡ 0).
         self.target = copy.deepcopy(self.online).requires_grad_(False) if recipe == "ct" else None
-        validate_decays(ema_decays)
         self.ema = nn.ModuleDict({str(i): copy.deepcopy(self.online).requires_grad_(False) for i in range(len(ema_decays))})
         self.network(eval_weights)  # refuse an unknown name now, not at the first validation
         self.optimizer_factory = optimizer
@@ -114,7 +115,9 @@ class ConsistencyTrainingModule(LightningModule):
             names["ema"] = self.ema["0"]
         names |= {f"ema_{d}": self.ema[str(i)] for i, d in enumerate(self.hparams.ema_decays)}
         if weights not in names:
-            raise ValueError(f"weights must be one of {sorted(names)}, got {weights!r}")
+            raise ValueError(
+                f"unknown weights {weights!r} (eval_weights, or weights= of sample/SampleGrid): choose one of {sorted(names)}"
+            )
         return names[weights]
 
     def configure_callbacks(self) -> list[Callback]:
