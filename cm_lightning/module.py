@@ -174,23 +174,31 @@ class ConsistencyTrainingModule(LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_seen = 0
+        self._eval_seen = 0
 
-    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+    def on_test_epoch_start(self) -> None:
+        self._eval_seen = 0
+
+    def fixed_pair_loss(self, batch: Tensor | Sequence[Tensor]) -> Tensor:
         """CT loss of the ``eval_weights`` network on fixed σ pairs and noise: comparable across steps and runs.
 
-        The i-th validation image (in loader order) gets pair n = i mod (val_num_scales − 1) and noise
+        The i-th image of the epoch (in loader order) gets pair n = i mod (val_num_scales − 1) and noise
         seeded by i: the value does not depend on the batch size.
         """
         x = _images(batch)
-        index = torch.arange(self._val_seen, self._val_seen + len(x))
-        self._val_seen += len(x)
+        index = torch.arange(self._eval_seen, self._eval_seen + len(x))
+        self._eval_seen += len(x)
         sigmas = karras_sigmas(self.hparams.val_num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
         n = index % (len(sigmas) - 1)
         sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in (sigmas[n], sigmas[n + 1]))
         z = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
-        loss = self.consistency_loss(x, z.to(x.device), sigma_n, sigma_next, self.network(self.hparams.eval_weights))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return self.consistency_loss(x, z.to(x.device), sigma_n, sigma_next, self.network(self.hparams.eval_weights))
+
+    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self.fixed_pair_loss(batch), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self.fixed_pair_loss(batch), sync_dist=True)
 
     # -- optimisation -------------------------------------------------------------------------
 

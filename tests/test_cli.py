@@ -16,13 +16,18 @@ from cm_lightning.recipes import ict_num_scales
 MAX_STEPS = 16
 
 
+def tiny_args(data_dir: Path) -> list[str]:
+    return [
+        "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8",
+        "--model.model_channels=8", "--model.channel_mult=[1, 2]", "--model.num_res_blocks=1",
+        "--model.attn_resolutions=[16]", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+    ]
+
+
 def fit_args(data_dir: Path, save_dir: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8",
-        "--model.model_channels=8", "--model.channel_mult=[1, 2]", "--model.num_res_blocks=1",
-        "--model.attn_resolutions=[16]", f"--trainer.max_steps={MAX_STEPS}", "--trainer.log_every_n_steps=1",
-        "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
-        f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
+        "fit", *tiny_args(data_dir), f"--trainer.max_steps={MAX_STEPS}", "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
     ]
 
 
@@ -78,3 +83,13 @@ def test_presets_parse_and_build(config, fake_mnist):
     cli = build_cli(["--config", str(config), f"--data.data_dir={fake_mnist}", "--trainer.logger=false"], run=False)
     assert isinstance(cli.model, ConsistencyTrainingModule)
     assert (cli.model.hparams.channels, cli.model.hparams.image_size) == (cli.datamodule.channels, cli.datamodule.image_size)
+
+
+@pytest.mark.slow
+def test_validate_and_test_subcommands_on_the_checkpoint(trained_run, fake_mnist, tmp_path, capsys):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    common = [*tiny_args(fake_mnist), "--trainer.logger=false", f"--ckpt_path={ckpt}"]
+    main(["test", *common])
+    main(["validate", *common])
+    out = capsys.readouterr().out
+    assert "test/loss" in out and "val/loss" in out
