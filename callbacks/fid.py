@@ -1,0 +1,108 @@
+"""FID of generated samples against the DataModule's reference images, per sampling schedule (torchmetrics)."""
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from cm_lightning.consistency import validate_sampling_sigmas
+from cm_lightning.mnist_classifier import MNISTClassifier
+
+FEATURES = ("mnist", "inception")
+
+
+class FID(Callback):
+    """Logs ``val/fid_<k>step`` after every validation and ``test/fid_<k>step`` in ``test``.
+
+    Each rank generates ``num_samples / world_size`` images (noise seeded by ``seed`` and the rank);
+    torchmetrics syncs the feature statistics, so the FID uses ``num_samples`` images in total.
+    Real-image statistics are computed once per run from the validation split (fit) or test set (test).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 10000,
+        schedules: list[list[float]] = [[80.0], [80.0, 0.8]],
+        feature: str = "mnist",
+        inception_weights: str | None = None,
+        batch_size: int = 500,
+        seed: int = 0,
+        weights: str | None = None,
+    ):
+        """
+        Args:
+            num_samples: generated images per schedule, over all ranks.
+            schedules: noise levels per evaluation: [80.0] is one step, [80.0, 0.8] two steps.
+            feature: "mnist" (the shipped classifier; comparable only with itself) or "inception" (2048-d pool3).
+            inception_weights: local Inception weights file for offline machines (torchmetrics' format).
+            batch_size: images generated and embedded at once.
+            seed: seed of the generation noise.
+            weights: "online", "ema" or "ema_<decay>"; None takes the module's ``eval_weights``.
+        """
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 for FID (a covariance needs two images), got {num_samples}")
+        if feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        steps = [len(s) for s in schedules]
+        if not steps or len(set(steps)) != len(steps):
+            raise ValueError(f"schedules must be non-empty with distinct lengths (logged as fid_<k>step), got {schedules}")
+        self.num_samples, self.schedules, self.feature = num_samples, schedules, feature
+        self.inception_weights, self.batch_size, self.seed, self.weights = inception_weights, batch_size, seed, weights
+        self._metrics: dict[str, FrechetInceptionDistance] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for sigmas in self.schedules:
+            validate_sampling_sigmas(sigmas, pl_module.hparams.sigma_min, pl_module.hparams.sigma_max)
+        if self.feature == "mnist" and pl_module.hparams.channels != 1:
+            raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={pl_module.hparams.channels}")
+        self._metrics = {f"{len(s)}step": self._metric() for s in self.schedules}
+
+    def _metric(self) -> FrechetInceptionDistance:
+        if self.feature == "mnist":
+            return FrechetInceptionDistance(feature=MNISTClassifier.pretrained(), reset_real_features=False)
+        try:
+            return FrechetInceptionDistance(
+                feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=self.inception_weights
+            )
+        except Exception as err:  # missing torch-fidelity or weights that cannot be downloaded
+            raise RuntimeError(
+                f"Inception features are unavailable ({err}). Install torch-fidelity and let it download the weights "
+                "once, or pass --trainer.callbacks.inception_weights <file>, or use feature='mnist' for MNIST."
+            ) from err
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """[-1, 1] images as the extractor wants them: as they are for the classifier, RGB in [0, 1] for Inception."""
+        return x if self.feature == "mnist" else ((x + 1) / 2).expand(-1, 3, -1, -1)
+
+    @torch.no_grad()
+    def _evaluate(self, trainer, pl_module, loader, prefix: str) -> None:
+        metrics = [m.to(pl_module.device) for m in self._metrics.values()]
+        if int(metrics[0].real_features_num_samples) == 0:  # once per run
+            for batch in loader:
+                x = self._prepare((batch[0] if isinstance(batch, (list, tuple)) else batch).to(pl_module.device))
+                for m in metrics:
+                    m.update(x, real=True)
+        per_rank = -(-self.num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
+        share = max(0, min(per_rank, self.num_samples - trainer.global_rank * per_rank))
+        for (name, metric), sigmas in zip(self._metrics.items(), self.schedules):
+            metric.reset()  # fake statistics only
+            generator = torch.Generator().manual_seed(self.seed * 10_000 + trainer.global_rank)
+            for start in range(0, share, self.batch_size):
+                x = pl_module.sample(min(self.batch_size, share - start), sigmas, generator, self.weights)
+                metric.update(self._prepare(x), real=False)
+            pl_module.log(f"{prefix}/fid_{name}", metric.compute().float(), sync_dist=False, rank_zero_only=False)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._evaluate(trainer, pl_module, _datamodule(trainer).val_dataloader(), "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._evaluate(trainer, pl_module, _datamodule(trainer).test_dataloader(), "test")
+
+
+def _datamodule(trainer):
+    if trainer.datamodule is None:
+        raise ValueError("the FID callback reads its reference images from a DataModule: pass datamodule= to the Trainer")
+    return trainer.datamodule

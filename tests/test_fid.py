@@ -1,0 +1,67 @@
+"""FID callback: ~0 for real vs real, large for noise, logged per schedule in fit and test."""
+
+import pytest
+import torch
+
+from callbacks.fid import FID
+from cm_lightning import ConsistencyTrainingModule
+from datamodules import MNISTDataModule
+from tests.conftest import TINY_NET
+from tests.test_module import make_trainer
+
+
+def digits(n: int, seed: int) -> torch.Tensor:
+    """Bright strokes on a dark 32×32 background, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 1, 32, 32), -1.0)
+    for i in range(n):
+        r, c = torch.randint(6, 20, (2,), generator=g).tolist()
+        x[i, 0, r : r + 10, c : c + 3] = 1.0
+    return x
+
+
+def test_fid_is_zero_for_identical_sets_and_large_for_noise():
+    metric = FID(num_samples=64)._metric()
+    real = digits(200, 0)
+    metric.update(real, real=True)
+    metric.update(real, real=False)
+    same = metric.compute().item()
+    metric.reset()  # keeps the real statistics
+    metric.update(torch.rand(200, 1, 32, 32) * 2 - 1, real=False)
+    noise = metric.compute().item()
+    assert abs(same) < 1e-3 and noise > 100 * max(abs(same), 1e-2) and noise > 1.0
+
+
+@pytest.mark.slow
+def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
+    torch.manual_seed(0)
+    m = ConsistencyTrainingModule(image_size=32, channels=1, **TINY_NET, eval_weights="online")
+    dm = MNISTDataModule(str(fake_mnist), batch_size=8, val_fraction=0.25)
+    fid = FID(num_samples=40, batch_size=16)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=[fid])
+    trainer.fit(m, datamodule=dm)
+    assert int(fid._metrics["1step"].real_features_num_samples) == 30  # the whole validation split
+    for name in ("val/fid_1step", "val/fid_2step"):
+        assert torch.isfinite(trainer.callback_metrics[name]) and trainer.callback_metrics[name] > 0
+    assert int(fid._metrics["1step"].fake_features_num_samples) == 40
+    results = trainer.test(m, datamodule=dm, verbose=False)[0]
+    assert {"test/fid_1step", "test/fid_2step", "test/loss"} <= set(results)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_samples=1), "num_samples must be >= 2 for FID"),
+        (dict(feature="clip"), r"feature must be one of \('mnist', 'inception'\), got 'clip'"),
+        (dict(schedules=[[80.0], [40.0]]), "distinct lengths"),
+    ],
+)
+def test_bad_fid_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FID(**kwargs)
+
+
+def test_mnist_features_need_one_channel(tmp_path, fake_mnist):
+    m = ConsistencyTrainingModule(image_size=32, channels=3, **TINY_NET)
+    with pytest.raises(ValueError, match="feature='mnist' needs 1-channel images, the model has channels=3"):
+        FID().setup(None, m, "fit")
