@@ -22,6 +22,7 @@ class FID(Callback):
     def __init__(
         self,
         num_samples: int = 10000,
+        test_num_samples: int | None = None,
         schedules: list[list[float]] = [[80.0], [80.0, 0.8]],
         feature: str = "mnist",
         inception_weights: str | None = None,
@@ -32,6 +33,7 @@ class FID(Callback):
         """
         Args:
             num_samples: generated images per schedule, over all ranks.
+            test_num_samples: the same for ``test``; None uses ``num_samples``.
             schedules: noise levels per evaluation: [80.0] is one step, [80.0, 0.8] two steps.
             feature: "mnist" (the shipped classifier; comparable only with itself) or "inception" (2048-d pool3).
             inception_weights: local Inception weights file for offline machines (torchmetrics' format).
@@ -39,8 +41,10 @@ class FID(Callback):
             seed: seed of the generation noise.
             weights: "online", "ema" or "ema_<decay>"; None takes the module's ``eval_weights``.
         """
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 for FID (a covariance needs two images), got {num_samples}")
+        test_num_samples = num_samples if test_num_samples is None else test_num_samples
+        for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples)):
+            if value < 2:
+                raise ValueError(f"{name} must be >= 2 for FID (a covariance needs two images), got {value}")
         if feature not in FEATURES:
             raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
         if batch_size < 1:
@@ -48,7 +52,8 @@ class FID(Callback):
         steps = [len(s) for s in schedules]
         if not steps or len(set(steps)) != len(steps):
             raise ValueError(f"schedules must be non-empty with distinct lengths (logged as fid_<k>step), got {schedules}")
-        self.num_samples, self.schedules, self.feature = num_samples, schedules, feature
+        self.num_samples, self.test_num_samples = num_samples, test_num_samples
+        self.schedules, self.feature = schedules, feature
         self.inception_weights, self.batch_size, self.seed, self.weights = inception_weights, batch_size, seed, weights
         self._metrics: dict[str, FrechetInceptionDistance] = {}
 
@@ -77,15 +82,15 @@ class FID(Callback):
         return x if self.feature == "mnist" else ((x + 1) / 2).expand(-1, 3, -1, -1)
 
     @torch.no_grad()
-    def _evaluate(self, trainer, pl_module, loader, prefix: str) -> None:
+    def _evaluate(self, trainer, pl_module, loader, prefix: str, num_samples: int) -> None:
         metrics = [m.to(pl_module.device) for m in self._metrics.values()]
         if int(metrics[0].real_features_num_samples) == 0:  # once per run
             for batch in loader:
                 x = self._prepare((batch[0] if isinstance(batch, (list, tuple)) else batch).to(pl_module.device))
                 for m in metrics:
                     m.update(x, real=True)
-        per_rank = -(-self.num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
-        share = max(0, min(per_rank, self.num_samples - trainer.global_rank * per_rank))
+        per_rank = -(-num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
+        share = max(0, min(per_rank, num_samples - trainer.global_rank * per_rank))
         for (name, metric), sigmas in zip(self._metrics.items(), self.schedules):
             metric.reset()  # fake statistics only
             generator = torch.Generator().manual_seed(self.seed * 10_000 + trainer.global_rank)
@@ -96,10 +101,10 @@ class FID(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._evaluate(trainer, pl_module, _datamodule(trainer).val_dataloader(), "val")
+            self._evaluate(trainer, pl_module, _datamodule(trainer).val_dataloader(), "val", self.num_samples)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._evaluate(trainer, pl_module, _datamodule(trainer).test_dataloader(), "test")
+        self._evaluate(trainer, pl_module, _datamodule(trainer).test_dataloader(), "test", self.test_num_samples)
 
 
 def _datamodule(trainer):

@@ -40,8 +40,9 @@ class MNISTClassifier(nn.Module):
 
     @classmethod
     def pretrained(cls) -> "MNISTClassifier":
-        model = cls()
-        model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+        with torch.device("meta"):  # no random init: building it must not move the global RNG of a run
+            model = cls()
+        model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True), assign=True)
         return model.eval().requires_grad_(False)
 
 

@@ -37,7 +37,7 @@ def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
     torch.manual_seed(0)
     m = ConsistencyTrainingModule(image_size=32, channels=1, **TINY_NET, eval_weights="online")
     dm = MNISTDataModule(str(fake_mnist), batch_size=8, val_fraction=0.25)
-    fid = FID(num_samples=40, batch_size=16)
+    fid = FID(num_samples=40, test_num_samples=24, batch_size=16)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=[fid])
     trainer.fit(m, datamodule=dm)
     assert int(fid._metrics["1step"].real_features_num_samples) == 30  # the whole validation split
@@ -46,12 +46,14 @@ def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
     assert int(fid._metrics["1step"].fake_features_num_samples) == 40
     results = trainer.test(m, datamodule=dm, verbose=False)[0]
     assert {"test/fid_1step", "test/fid_2step", "test/loss"} <= set(results)
+    assert int(fid._metrics["1step"].fake_features_num_samples) == 24
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(num_samples=1), "num_samples must be >= 2 for FID"),
+        (dict(test_num_samples=1), "test_num_samples must be >= 2 for FID .* got 1"),
         (dict(feature="clip"), r"feature must be one of \('mnist', 'inception'\), got 'clip'"),
         (dict(schedules=[[80.0], [40.0]]), "distinct lengths"),
     ],
@@ -59,6 +61,13 @@ def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
 def test_bad_fid_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FID(**kwargs)
+
+
+def test_fid_setup_leaves_the_training_rng_alone(fake_mnist):
+    m = ConsistencyTrainingModule(image_size=32, channels=1, **TINY_NET)
+    state = torch.get_rng_state()
+    FID().setup(None, m, "fit")
+    assert torch.equal(torch.get_rng_state(), state)  # a run with FID trains exactly as one without
 
 
 def test_mnist_features_need_one_channel(tmp_path, fake_mnist):
