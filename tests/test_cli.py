@@ -88,7 +88,7 @@ def test_presets_parse_and_build(config, fake_mnist):
 @pytest.mark.slow
 def test_validate_and_test_subcommands_on_the_checkpoint(trained_run, fake_mnist, tmp_path, capsys):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    common = [*tiny_args(fake_mnist), "--trainer.logger=false", f"--ckpt_path={ckpt}"]
+    common = [*tiny_args(fake_mnist), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"]
     main(["test", *common])
     main(["validate", *common])
     out = capsys.readouterr().out
