@@ -5,7 +5,7 @@ from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from cm_lightning.consistency import validate_sampling_sigmas
+from cm_lightning.module import images_of
 from cm_lightning.mnist_classifier import MNISTClassifier
 
 FEATURES = ("mnist", "inception")
@@ -58,8 +58,7 @@ class FID(Callback):
         self._metrics: dict[str, FrechetInceptionDistance] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        for sigmas in self.schedules:
-            validate_sampling_sigmas(sigmas, pl_module.hparams.sigma_min, pl_module.hparams.sigma_max)
+        pl_module.check_sampling(self.schedules, self.weights)
         if self.feature == "mnist" and pl_module.hparams.channels != 1:
             raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={pl_module.hparams.channels}")
         self._metrics = {f"{len(s)}step": self._metric() for s in self.schedules}
@@ -86,7 +85,7 @@ class FID(Callback):
         metrics = [m.to(pl_module.device) for m in self._metrics.values()]
         if int(metrics[0].real_features_num_samples) == 0:  # once per run
             for batch in loader:
-                x = self._prepare((batch[0] if isinstance(batch, (list, tuple)) else batch).to(pl_module.device))
+                x = self._prepare(images_of(batch).to(pl_module.device))
                 for m in metrics:
                     m.update(x, real=True)
         per_rank = -(-num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …

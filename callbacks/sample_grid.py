@@ -9,7 +9,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
-from cm_lightning.consistency import validate_sampling_sigmas
 
 
 class SampleGrid(Callback):
@@ -46,9 +45,7 @@ class SampleGrid(Callback):
         self._last_written = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        for sigmas in self.schedules:  # refuse a bad schedule before training, not at step N
-            validate_sampling_sigmas(sigmas, pl_module.hparams.sigma_min, pl_module.hparams.sigma_max)
-        pl_module.network(self.weights or pl_module.hparams.eval_weights)
+        pl_module.check_sampling(self.schedules, self.weights)  # before training, not at step N
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:

@@ -120,6 +120,12 @@ class ConsistencyTrainingModule(LightningModule):
             )
         return names[weights]
 
+    def check_sampling(self, schedules: Sequence[Sequence[float]], weights: str | None) -> None:
+        """Refuse sampling schedules or a weights name this model cannot use (callbacks call it in ``setup``)."""
+        for sigmas in schedules:
+            validate_sampling_sigmas(sigmas, self.hparams.sigma_min, self.hparams.sigma_max)
+        self.network(weights or self.hparams.eval_weights)
+
     def configure_callbacks(self) -> list[Callback]:
         """The module needs its EMA update to be correct, so it brings the callback itself."""
         from callbacks.ema import EMAUpdate  # callbacks import cm_lightning: import at call time
@@ -163,7 +169,7 @@ class ConsistencyTrainingModule(LightningModule):
         return (self.recipe.weight(sigma_n, sigma_next) * self.metric(student, target)).mean()
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
-        x = _images(batch)
+        x = images_of(batch)
         num_scales = self.num_scales(self.global_step)
         sigmas = karras_sigmas(num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
         sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in self.recipe.draw_pairs(sigmas, len(x)))
@@ -185,7 +191,7 @@ class ConsistencyTrainingModule(LightningModule):
         The i-th image of the epoch (in loader order) gets pair n = i mod (val_num_scales − 1) and noise
         seeded by i: the value does not depend on the batch size.
         """
-        x = _images(batch)
+        x = images_of(batch)
         index = torch.arange(self._eval_seen, self._eval_seen + len(x))
         self._eval_seen += len(x)
         sigmas = karras_sigmas(self.hparams.val_num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
@@ -246,7 +252,7 @@ class ConsistencyTrainingModule(LightningModule):
             f.train(was_training)
 
 
-def _images(batch: Tensor | Sequence[Tensor]) -> Tensor:
+def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:
     """Accept bare image batches and (image, label) pairs."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
