@@ -1,13 +1,19 @@
 """The ``cm-lightning`` command: LightningCLI over ConsistencyTrainingModule and any image DataModule.
 
     cm-lightning fit --config configs/mnist_quickstart.yaml --data.data_dir ../shared/data
+    cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path <file> --writer.output_dir samples
 """
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks import SampleWriter
 from cm_lightning import ConsistencyTrainingModule
 from datamodules import ImageDataModule
+
+
+# Settings that say how to use a trained network, not what it is: the user's value beats the checkpoint's.
+EVALUATION_ARGS = ("eval_weights", "predict_sigmas", "predict_seed", "val_num_scales")
 
 
 class ConsistencyCLI(LightningCLI):
@@ -17,6 +23,19 @@ class ConsistencyCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(SampleWriter, "writer")  # acts in `predict` only
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning overwrites all ``model.*`` arguments with the checkpoint's hyper-parameters (Lightning PR
+        #21455 is open). The network must come from the file, but ``--model.predict_sigmas`` and the other
+        EVALUATION_ARGS must not be silently ignored: keep the user's values of those."""
+        model = self.config.get(self.config.get("subcommand") or "", {}).get("model")
+        if model is None:
+            return super()._parse_ckpt_path()
+        chosen = {k: model[k] for k in EVALUATION_ARGS}
+        super()._parse_ckpt_path()
+        for key, value in chosen.items():
+            self.config[self.config.subcommand].model[key] = value
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI:

@@ -1,7 +1,8 @@
-"""Callbacks for consistency-model runs: the evaluation-EMA update, sample grids, FID."""
+"""Callbacks for consistency-model runs: the evaluation-EMA update, sample grids, FID, the predict writer."""
 
 from callbacks.ema import EMAUpdate
 from callbacks.fid import FID
 from callbacks.sample_grid import SampleGrid
+from callbacks.sample_writer import SampleWriter
 
-__all__ = ["FID", "EMAUpdate", "SampleGrid"]
+__all__ = ["FID", "EMAUpdate", "SampleGrid", "SampleWriter"]

@@ -14,8 +14,9 @@ FEATURES = ("mnist", "inception")
 class FID(Callback):
     """Logs ``val/fid_<k>step`` after every validation and ``test/fid_<k>step`` in ``test``.
 
-    Each rank generates ``num_samples / world_size`` images (noise seeded by ``seed`` and the rank);
-    torchmetrics syncs the feature statistics, so the FID uses ``num_samples`` images in total.
+    Each rank generates its share of ``num_samples`` images, image i from noise seeded by (``seed``, i);
+    torchmetrics syncs the feature statistics, so the FID uses ``num_samples`` images in total and does
+    not depend on the number of ranks or on ``batch_size``.
     Real-image statistics are computed once per run from the validation split (fit) or test set (test).
     """
 
@@ -89,12 +90,12 @@ class FID(Callback):
                 for m in metrics:
                     m.update(x, real=True)
         per_rank = -(-num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
-        share = max(0, min(per_rank, num_samples - trainer.global_rank * per_rank))
+        first, last = trainer.global_rank * per_rank, min(num_samples, (trainer.global_rank + 1) * per_rank)
         for (name, metric), sigmas in zip(self._metrics.items(), self.schedules):
             metric.reset()  # fake statistics only
-            generator = torch.Generator().manual_seed(self.seed * 10_000 + trainer.global_rank)
-            for start in range(0, share, self.batch_size):
-                x = pl_module.sample(min(self.batch_size, share - start), sigmas, generator, self.weights)
+            for start in range(first, last, self.batch_size):
+                count = min(self.batch_size, last - start)
+                x = pl_module.sample(count, sigmas, weights=self.weights, seed=self.seed, first_index=start)
                 metric.update(self._prepare(x), real=False)
             pl_module.log(f"{prefix}/fid_{name}", metric.compute().float(), sync_dist=False, rank_zero_only=False)
 

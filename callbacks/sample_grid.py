@@ -4,18 +4,16 @@ import math
 import os
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
 
-
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, one grid per sampling schedule.
 
-    The noise comes from a generator seeded with ``seed`` each time, so grids are comparable across
-    steps. Rank zero samples and writes; the other ranks go on (sampling needs no collective).
+    Image i of every grid is drawn from the noise seeded by (``seed``, i), so grids are comparable
+    across steps. Rank zero samples and writes; the other ranks go on (sampling needs no collective).
     """
 
     def __init__(
@@ -62,7 +60,7 @@ class SampleGrid(Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for sigmas in self.schedules:
-            x = pl_module.sample(self.num_samples, sigmas, torch.Generator().manual_seed(self.seed), self.weights)
+            x = pl_module.sample(self.num_samples, sigmas, weights=self.weights, seed=self.seed)
             grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), normalize=True, value_range=(-1, 1))
             name = "-".join(f"{s:g}" for s in sigmas)
             for logger in trainer.loggers:

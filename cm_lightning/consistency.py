@@ -37,29 +37,37 @@ def validate_sampling_sigmas(sigmas: Sequence[float], sigma_min: float, sigma_ma
         raise ValueError(f"sigmas={sigmas} must be strictly decreasing")
 
 
+def indexed_noise(seed: int, indices: Sequence[int], num_draws: int, shape: Sequence[int]) -> Tensor:
+    """Standard normal noise (num_draws, len(indices), *shape); image i's draws depend on (seed, i) alone.
+
+    So generated image i is the same whatever the batch size, the number of ranks or the order
+    of generation: FID and exported samples do not change when a run moves to more GPUs.
+    """
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must lie in [0, 2**31), got {seed}")
+    noise = torch.empty(num_draws, len(indices), *shape)
+    for j, i in enumerate(indices):
+        if not 0 <= int(i) < 2**32:
+            raise ValueError(f"sample indices must lie in [0, 2**32), got {int(i)}")
+        # The CPU generator keeps 32 bits of its seed: shift the index by a seed-dependent offset, a
+        # bijection on the indices of one seed, so no two images of a run share their noise.
+        generator = torch.Generator().manual_seed((int(i) + seed * 0x9E3779B9) % 2**32)
+        noise[:, j] = torch.randn(num_draws, *shape, generator=generator)
+    return noise
+
+
 @torch.no_grad()
-def multistep_sample(
-    f: nn.Module,
-    shape: Sequence[int],
-    sigmas: Sequence[float],
-    sigma_min: float = SIGMA_MIN,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> Tensor:
+def multistep_sample(f: nn.Module, noise: Tensor, sigmas: Sequence[float], sigma_min: float = SIGMA_MIN) -> Tensor:
     """Multistep consistency sampling (CM paper, Algorithm 1); one step when ``len(sigmas) == 1``.
 
-    x ← σ_1 z, x ← f(x, σ_1); then for each τ: x ← x + √(τ² − σ_min²) z, x ← f(x, τ).
-    Noise is drawn on the generator's device, so a seeded CPU generator gives the
-    same images on every accelerator.
+    x ← σ_1 z_1, x ← f(x, σ_1); then for each further τ_j: x ← x + √(τ_j² − σ_min²) z_j, x ← f(x, τ_j).
+    ``noise`` holds z_1, z_2, … stacked: shape (len(sigmas), B, C, H, W).
     """
-    noise_device = generator.device if generator is not None else device
-
-    def randn() -> Tensor:
-        return torch.randn(shape, generator=generator, device=noise_device).to(device)
-
-    ones = torch.ones(shape[0], device=device)
-    x = f(sigmas[0] * randn(), sigmas[0] * ones)
-    for tau in sigmas[1:]:
-        x = x + (tau**2 - sigma_min**2) ** 0.5 * randn()
+    if len(noise) != len(sigmas):
+        raise ValueError(f"noise holds {len(noise)} draws but the schedule {list(sigmas)} needs {len(sigmas)}")
+    ones = noise.new_ones(noise.shape[1])
+    x = f(sigmas[0] * noise[0], sigmas[0] * ones)
+    for tau, z in zip(sigmas[1:], noise[1:]):
+        x = x + (tau**2 - sigma_min**2) ** 0.5 * z
         x = f(x, tau * ones)
     return x.clamp(-1, 1)

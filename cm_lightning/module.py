@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from cm_lightning.consistency import ConsistencyFunction, multistep_sample, validate_sampling_sigmas
+from cm_lightning.consistency import ConsistencyFunction, indexed_noise, multistep_sample, validate_sampling_sigmas
 from cm_lightning.ema import validate_decays
 from cm_lightning.karras import karras_sigmas, validate_sigma_range
 from cm_lightning.losses import METRICS
@@ -52,6 +52,8 @@ class ConsistencyTrainingModule(LightningModule):
         ema_decays: list[float] = [0.9999],
         ema_warmup: bool = False,
         eval_weights: str = "ema",
+        predict_sigmas: list[float] = [80.0],
+        predict_seed: int = 0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -81,6 +83,8 @@ class ConsistencyTrainingModule(LightningModule):
             ema_decays: decays β of the evaluation EMAs of the online weights (CM paper 0.9999, iCT 0.99993).
             ema_warmup: cap β at (1 + n) / (10 + n) after n updates, for short runs.
             eval_weights: weights for validation and sampling: "online", "ema" (the first decay) or "ema_<decay>".
+            predict_sigmas: sampling schedule of ``cm-lightning predict``: [80.0] one step, [80.0, 0.8] two.
+            predict_seed: noise seed of ``predict``; image i depends on (seed, i) only.
             optimizer: optimizer factory; None is Adam(lr=1e-4), the iCT setting.
             lr_scheduler: optional LR schedule factory, stepped every optimizer step.
         """
@@ -104,6 +108,9 @@ class ConsistencyTrainingModule(LightningModule):
         self.target = copy.deepcopy(self.online).requires_grad_(False) if recipe == "ct" else None
         self.ema = nn.ModuleDict({str(i): copy.deepcopy(self.online).requires_grad_(False) for i in range(len(ema_decays))})
         self.network(eval_weights)  # refuse an unknown name now, not at the first validation
+        validate_sampling_sigmas(predict_sigmas, sigma_min, sigma_max)
+        if not 0 <= predict_seed < 2**31:
+            raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._total_steps = total_steps
@@ -233,23 +240,46 @@ class ConsistencyTrainingModule(LightningModule):
         sigmas: Sequence[float] = (80.0,),
         generator: torch.Generator | None = None,
         weights: str | None = None,
+        seed: int | None = None,
+        first_index: int = 0,
     ) -> Tensor:
         """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W), with one step per σ in ``sigmas``.
 
         ``sigmas=(80.0,)`` is one-step generation; ``(80.0, 0.8)`` two steps (CM paper, Algorithm 1).
+        Noise comes from ``generator`` (CPU or device), or, given ``seed``, per image: image
+        ``first_index + j`` depends on (seed, index) alone, not on the batch it is drawn in.
         ``weights`` names the network ("online", "ema", "ema_<decay>"); None takes ``eval_weights``.
         """
-        f = self.network(weights or self.hparams.eval_weights)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either generator= or seed=, not both")
         validate_sampling_sigmas(sigmas, self.hparams.sigma_min, self.hparams.sigma_max)
-        shape = (num_samples, self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        if seed is not None:
+            noise = indexed_noise(seed, range(first_index, first_index + num_samples), len(sigmas), shape)
+        else:
+            device = generator.device if generator is not None else self.device
+            noise = torch.randn(len(sigmas), num_samples, *shape, generator=generator, device=device)
+        return self.sample_from_noise(noise, sigmas, weights)
+
+    @torch.no_grad()
+    def sample_from_noise(self, noise: Tensor, sigmas: Sequence[float], weights: str | None = None) -> Tensor:
+        """Images from given noise (len(sigmas), B, C, H, W): the sampler behind ``sample`` and ``predict``."""
+        f = self.network(weights or self.hparams.eval_weights)
         was_training = f.training
         f.eval()
         try:
-            return multistep_sample(f, shape, sigmas, self.hparams.sigma_min, generator, self.device)
+            return multistep_sample(f, noise.to(self.device), sigmas, self.hparams.sigma_min)
         finally:
             f.train(was_training)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Images for a batch of sample indices (the DataModule's predict loader), seeded per index."""
+        sigmas = self.hparams.predict_sigmas
+        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        noise = indexed_noise(self.hparams.predict_seed, batch.tolist(), len(sigmas), shape)
+        return self.sample_from_noise(noise, sigmas)
 
 
 def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:

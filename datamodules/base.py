@@ -24,12 +24,25 @@ class UInt8Images(Dataset):
 
 
 class ImageDataModule(LightningDataModule):
-    """Base class: subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``."""
+    """Base class: subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``.
+
+    ``predict`` needs no images: its loader yields the indices 0 … predict_num_samples − 1 of the images
+    to generate, which Lightning splits across ranks; the module seeds each image's noise by its index.
+    """
 
     image_size: int
     channels: int
 
-    def __init__(self, data_dir: str, batch_size: int, num_workers: int, download: bool, val_fraction: float, seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        num_workers: int,
+        download: bool,
+        val_fraction: float,
+        predict_num_samples: int = 10000,
+        seed: int = 0,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -37,11 +50,14 @@ class ImageDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        if predict_num_samples < 1:
+            raise ValueError(f"predict_num_samples must be >= 1, got {predict_num_samples}")
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.download = download
         self.val_fraction = val_fraction
+        self.predict_num_samples = predict_num_samples
         self.seed = seed
 
     def split(self, dataset: Dataset) -> tuple[Dataset, Dataset]:
@@ -68,3 +84,6 @@ class ImageDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(torch.arange(self.predict_num_samples), batch_size=self.batch_size)

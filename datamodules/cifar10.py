@@ -22,6 +22,7 @@ class CIFAR10DataModule(ImageDataModule):
         download: bool = False,
         val_fraction: float = 0.02,
         random_flip: bool = True,
+        predict_num_samples: int = 50000,
     ):
         """
         Args:
@@ -31,8 +32,9 @@ class CIFAR10DataModule(ImageDataModule):
             download: fetch the archive in ``prepare_data`` if it is missing (needs internet).
             val_fraction: share of the training set held out for validation.
             random_flip: random horizontal flips of training images (both papers use them).
+            predict_num_samples: images that ``cm-lightning predict`` generates.
         """
-        super().__init__(data_dir, batch_size, num_workers, download, val_fraction)
+        super().__init__(data_dir, batch_size, num_workers, download, val_fraction, predict_num_samples)
         self.random_flip = random_flip
 
     def prepare_data(self) -> None:
@@ -51,5 +53,5 @@ class CIFAR10DataModule(ImageDataModule):
             flip = v2.RandomHorizontalFlip() if self.random_flip else None
             self.train_set = Subset(UInt8Images(images, flip), train_idx)
             self.val_set = Subset(UInt8Images(images), val_idx)
-        if stage in ("test", "predict"):
+        if stage == "test":
             self.test_set = UInt8Images(self._images(train=False))

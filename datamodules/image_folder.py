@@ -50,6 +50,7 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction: float = 0.02,
         random_flip: bool = False,
         test_dir: str | None = None,
+        predict_num_samples: int = 10000,
     ):
         """
         Args:
@@ -62,8 +63,9 @@ class ImageFolderDataModule(ImageDataModule):
             val_fraction: share of the images held out for validation.
             random_flip: random horizontal flips of training images.
             test_dir: folder of reference images for ``test``; None reuses the validation images.
+            predict_num_samples: images that ``cm-lightning predict`` generates.
         """
-        super().__init__(data_dir, batch_size, num_workers, download, val_fraction)
+        super().__init__(data_dir, batch_size, num_workers, download, val_fraction, predict_num_samples)
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if channels not in (1, 3):
@@ -77,12 +79,14 @@ class ImageFolderDataModule(ImageDataModule):
         return UInt8Images(ImageFiles(files, "L" if self.channels == 1 else "RGB", v2.Compose(steps)))
 
     def setup(self, stage: str) -> None:
+        if stage == "predict":
+            return  # generation reads no images
         files = list_images(self.data_dir)
         train, val = self.split(range(len(files)))
         if stage in ("fit", "validate"):
             self.train_set = Subset(self._dataset(files, self.random_flip), train.indices)
             self.val_set = Subset(self._dataset(files, False), val.indices)
-        if stage in ("test", "predict"):
+        if stage == "test":
             if self.test_dir:
                 self.test_set = self._dataset(list_images(self.test_dir), False)
             else:

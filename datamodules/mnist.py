@@ -19,6 +19,7 @@ class MNISTDataModule(ImageDataModule):
         num_workers: int = 0,
         download: bool = False,
         val_fraction: float = 1 / 60,
+        predict_num_samples: int = 10000,
     ):
         """
         Args:
@@ -27,8 +28,9 @@ class MNISTDataModule(ImageDataModule):
             num_workers: DataLoader worker processes; the images sit in memory, so 0 is usually fastest.
             download: fetch the files in ``prepare_data`` if they are missing (needs internet).
             val_fraction: share of the training set held out for validation.
+            predict_num_samples: images that ``cm-lightning predict`` generates.
         """
-        super().__init__(data_dir, batch_size, num_workers, download, val_fraction)
+        super().__init__(data_dir, batch_size, num_workers, download, val_fraction, predict_num_samples)
 
     def prepare_data(self) -> None:
         if self.download:
@@ -42,5 +44,5 @@ class MNISTDataModule(ImageDataModule):
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
             self.train_set, self.val_set = self.split(self._load(train=True))
-        if stage in ("test", "predict"):
+        if stage == "test":
             self.test_set = self._load(train=False)

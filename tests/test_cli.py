@@ -93,3 +93,36 @@ def test_validate_and_test_subcommands_on_the_checkpoint(trained_run, fake_mnist
     main(["validate", *common])
     out = capsys.readouterr().out
     assert "test/loss" in out and "val/loss" in out
+
+
+def predict(fake_mnist, tmp_path, ckpt, out: Path, *extra: str) -> None:
+    main([
+        "predict", *tiny_args(fake_mnist), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--ckpt_path={ckpt}", "--data.predict_num_samples=20", f"--writer.output_dir={out}", *extra,
+    ])
+
+
+@pytest.mark.slow
+def test_predict_writes_seeded_png_and_npz_independent_of_batch_size(trained_run, fake_mnist, tmp_path):
+    import numpy as np
+    from torchvision.io import decode_png, read_file
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    predict(fake_mnist, tmp_path, ckpt, tmp_path / "a", "--model.predict_sigmas=[80.0, 0.8]", "--model.predict_seed=3")
+    predict(fake_mnist, tmp_path, ckpt, tmp_path / "b", "--model.predict_sigmas=[80.0, 0.8]", "--model.predict_seed=3",
+            "--data.batch_size=3")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(20)] + ["samples.npz"]  # no part or temporary file left
+    for name in names:  # same seed, another batch size: byte-identical files
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    array = np.load(tmp_path / "a" / "samples.npz")["arr_0"]
+    assert array.shape == (20, 32, 32, 1) and array.dtype == np.uint8
+    assert torch.equal(decode_png(read_file(str(tmp_path / "a" / "000007.png"))), torch.from_numpy(array[7]).permute(2, 0, 1))
+    module = ConsistencyTrainingModule.load_from_checkpoint(ckpt)  # the EMA weights, as in predict
+    expected = ((module.sample(20, (80.0, 0.8), seed=3) + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(torch.from_numpy(array).permute(0, 3, 1, 2), expected)
+    with pytest.raises(FileExistsError, match="already holds samples"):  # never overwrites earlier samples
+        predict(fake_mnist, tmp_path, ckpt, tmp_path / "a")
+    predict(fake_mnist, tmp_path, ckpt, tmp_path / "c", "--writer.formats=[npz]")  # seed 0, one step
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["samples.npz"]
+    assert not np.array_equal(np.load(tmp_path / "c" / "samples.npz")["arr_0"], array)

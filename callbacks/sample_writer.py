@@ -1,0 +1,99 @@
+"""Writes what ``cm-lightning predict`` generates: one PNG per image and/or one ``samples.npz``."""
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torchvision.io import write_png
+
+FORMATS = ("png", "npz")
+
+
+class SampleWriter(BasePredictionWriter):
+    """Saves the images of ``predict`` as ``<index>.png`` files and/or ``samples.npz``.
+
+    ``samples.npz`` holds one uint8 array ``arr_0`` of shape (N, H, W, C) in index order, the layout
+    the common FID/precision-recall evaluation scripts read. Every rank writes the PNGs of its own
+    indices; for the ``.npz`` each rank leaves its part in the folder and rank zero joins them, so
+    under multi-node DDP ``output_dir`` must be on a shared file system. Files appear under their
+    final names only when complete (written to a hidden temporary name, then renamed), and the same
+    seed gives byte-identical files.
+    """
+
+    def __init__(self, output_dir: str | None = None, formats: list[str] = ["png", "npz"]):
+        """
+        Args:
+            output_dir: folder for the samples; None is ``<log_dir>/predictions`` of the run.
+            formats: "png" (one file per image) and/or "npz" (one array of all images).
+        """
+        super().__init__(write_interval="batch")
+        if not formats or any(f not in FORMATS for f in formats):
+            raise ValueError(f"formats must be a non-empty list drawn from {FORMATS}, got {formats}")
+        self.output_dir, self.formats = output_dir, formats
+        self._parts: list[tuple[Tensor, Tensor]] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "predict":
+            return
+        self.folder = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        if self.folder.is_dir() and any(self._ours(p) for p in self.folder.iterdir()):  # never overwrite samples
+            raise FileExistsError(f"{self.folder} already holds samples: choose another output_dir or move them away")
+        trainer.strategy.barrier()  # no rank writes before every rank has checked the folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._parts = []
+
+    @staticmethod
+    def _ours(path: Path) -> bool:
+        return path.suffix == ".png" or path.name == "samples.npz"
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        images, indices = to_uint8(prediction).cpu(), batch.cpu()
+        if "png" in self.formats:
+            for index, image in zip(indices.tolist(), images):
+                path = self.folder / f"{index:06d}.png"
+                tmp = path.with_name(f".{path.name}.tmp")
+                write_png(image, str(tmp))
+                os.replace(tmp, path)
+        if "npz" in self.formats:
+            self._parts.append((indices, images))
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if "npz" not in self.formats:
+            return
+        rank_file = self.folder / f".part{trainer.global_rank}.pt"
+        indices, images = (torch.cat(t) for t in zip(*self._parts)) if self._parts else (torch.empty(0), None)
+        _replace(rank_file, lambda tmp: torch.save({"indices": indices, "images": images}, tmp))
+        self._parts = []
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            parts = [torch.load(self.folder / f".part{r}.pt") for r in range(trainer.world_size)]
+            parts = [p for p in parts if p["images"] is not None]
+            order = torch.cat([p["indices"] for p in parts]).argsort()
+            array = torch.cat([p["images"] for p in parts])[order].permute(0, 2, 3, 1).numpy()
+            _replace(self.folder / "samples.npz", lambda tmp: save_npz(tmp, array))
+            for r in range(trainer.world_size):
+                (self.folder / f".part{r}.pt").unlink()
+        trainer.strategy.barrier()
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] floats to uint8 pixels, rounding to the nearest level (as torchvision's ``save_image``)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_npz(path: Path, array: np.ndarray) -> None:
+    """``np.savez(path, array)`` without the clock: a fixed zip timestamp makes the bytes reproducible."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        with archive.open(zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, array, allow_pickle=False)
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a hidden temporary file, then rename: the final name only ever holds a complete file."""
+    tmp = path.with_name(f".{path.name.lstrip('.')}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
