@@ -7,6 +7,7 @@ evaluation EMAs live here too (so checkpoints carry them); ``callbacks.EMAUpdate
 """
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -146,6 +147,7 @@ class ConsistencyTrainingModule(LightningModule):
         for name in ("image_size", "channels"):
             if dm is not None and getattr(dm, name, self.hparams[name]) != self.hparams[name]:
                 raise ValueError(f"the data has {name}={getattr(dm, name)} but the model has {name}={self.hparams[name]}")
+        self._seed = torch.initial_seed()  # seed_everything's seed: the same on every rank and on resume
         if stage == "fit" and self.hparams.total_steps is None:
             steps = self.trainer.estimated_stepping_batches
             if steps == float("inf"):
@@ -179,8 +181,10 @@ class ConsistencyTrainingModule(LightningModule):
         x = images_of(batch)
         num_scales = self.num_scales(self.global_step)
         sigmas = karras_sigmas(num_scales, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
-        sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in self.recipe.draw_pairs(sigmas, len(x)))
-        loss = self.consistency_loss(x, torch.randn_like(x), sigma_n, sigma_next)
+        with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
+            torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
+            sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in self.recipe.draw_pairs(sigmas, len(x)))
+            loss = self.consistency_loss(x, torch.randn_like(x), sigma_n, sigma_next)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/num_scales", float(num_scales))
         self.log("train/target_ema", self.recipe.target_ema(num_scales))
@@ -285,6 +289,16 @@ class ConsistencyTrainingModule(LightningModule):
 def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:
     """Accept bare image batches and (image, label) pairs."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
+    """The seed of one training batch's σ indices, noise z and dropout masks.
+
+    A function of (run seed, global step, batch index, rank) alone: DDP ranks draw different noise, and
+    a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+    """
+    digest = hashlib.blake2b(repr((seed, step, batch_idx, rank)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")  # 32 bits: all a CPU generator keeps of its seed
 
 
 def _bcast(sigma: Tensor) -> Tensor:

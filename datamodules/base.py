@@ -1,9 +1,11 @@
 """Shared DataModule plumbing: loaders, the held-out validation split, [-1, 1] scaling."""
 
+import os
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, RandomSampler, random_split
 
 
 class UInt8Images(Dataset):
@@ -21,6 +23,22 @@ class UInt8Images(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return x.float() / 127.5 - 1
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random order that is a function of (seed, epoch), so a resumed run sees the batches it would have.
+
+    Lightning calls ``set_epoch`` before each epoch; under DDP it swaps any RandomSampler for its
+    DistributedSampler, which is seeded by (seed_everything's seed, epoch) in the same way.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class ImageDataModule(LightningDataModule):
@@ -69,7 +87,7 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(dataset, int(os.getenv("PL_GLOBAL_SEED", 0))) if shuffle else None,
             drop_last=shuffle and len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
