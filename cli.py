@@ -47,6 +47,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
             "callbacks": [LearningRateMonitor(logging_interval="step")],
+            "plugins": {"class_path": "cm_lightning.checkpoint_io.AtomicCheckpointIO"},
         },
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -25,7 +25,7 @@ class FID(Callback):
         num_samples: int = 10000,
         test_num_samples: int | None = None,
         schedules: list[list[float]] = [[80.0], [80.0, 0.8]],
-        feature: str = "mnist",
+        feature: str | nn.Module = "mnist",
         inception_weights: str | None = None,
         batch_size: int = 500,
         seed: int = 0,
@@ -36,7 +36,8 @@ class FID(Callback):
             num_samples: generated images per schedule, over all ranks.
             test_num_samples: the same for ``test``; None uses ``num_samples``.
             schedules: noise levels per evaluation: [80.0] is one step, [80.0, 0.8] two steps.
-            feature: "mnist" (the shipped classifier; comparable only with itself) or "inception" (2048-d pool3).
+            feature: "mnist" (the shipped classifier; comparable only with itself), "inception" (2048-d pool3),
+                or any nn.Module mapping images in [-1, 1], (N, C, H, W), to features (N, d).
             inception_weights: local Inception weights file for offline machines (torchmetrics' format).
             batch_size: images generated and embedded at once.
             seed: seed of the generation noise.
@@ -46,8 +47,8 @@ class FID(Callback):
         for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples)):
             if value < 2:
                 raise ValueError(f"{name} must be >= 2 for FID (a covariance needs two images), got {value}")
-        if feature not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+        if not isinstance(feature, nn.Module) and feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES} or an nn.Module, got {feature!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         steps = [len(s) for s in schedules]
@@ -62,9 +63,12 @@ class FID(Callback):
         pl_module.check_sampling(self.schedules, self.weights)
         if self.feature == "mnist" and pl_module.hparams.channels != 1:
             raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={pl_module.hparams.channels}")
-        self._metrics = {f"{len(s)}step": self._metric() for s in self.schedules}
+        shape = (pl_module.hparams.channels, pl_module.hparams.image_size, pl_module.hparams.image_size)
+        self._metrics = {f"{len(s)}step": self._metric(shape) for s in self.schedules}
 
-    def _metric(self) -> FrechetInceptionDistance:
+    def _metric(self, image_shape: tuple[int, int, int] = (1, 32, 32)) -> FrechetInceptionDistance:
+        if isinstance(self.feature, nn.Module):  # torchmetrics probes the feature size with one image
+            return FrechetInceptionDistance(self.feature, reset_real_features=False, normalize=True, input_img_size=image_shape)
         if self.feature == "mnist":
             return FrechetInceptionDistance(feature=MNISTClassifier.pretrained(), reset_real_features=False)
         try:
@@ -79,13 +83,15 @@ class FID(Callback):
 
     def _prepare(self, x: Tensor) -> Tensor:
         """[-1, 1] images as the extractor wants them: as they are for the classifier, RGB in [0, 1] for Inception."""
-        return x if self.feature == "mnist" else ((x + 1) / 2).expand(-1, 3, -1, -1)
+        return ((x + 1) / 2).expand(-1, 3, -1, -1) if self.feature == "inception" else x
 
     @torch.no_grad()
     def _evaluate(self, trainer, pl_module, loader, prefix: str, num_samples: int) -> None:
         metrics = [m.to(pl_module.device) for m in self._metrics.values()]
-        if int(metrics[0].real_features_num_samples) == 0:  # once per run
-            for batch in loader:
+        if int(metrics[0].real_features_num_samples) == 0:  # once per run; each rank embeds its share
+            for i, batch in enumerate(loader):
+                if i % trainer.world_size != trainer.global_rank:
+                    continue
                 x = self._prepare(images_of(batch).to(pl_module.device))
                 for m in metrics:
                     m.update(x, real=True)

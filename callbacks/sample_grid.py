@@ -44,6 +44,8 @@ class SampleGrid(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pl_module.check_sampling(self.schedules, self.weights)  # before training, not at step N
+        # trainer.log_dir is a broadcast: every rank must ask, here, not rank zero alone later on
+        self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -57,8 +59,7 @@ class SampleGrid(Callback):
         if step == self._last_written or not trainer.is_global_zero:
             return
         self._last_written = step
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         for sigmas in self.schedules:
             x = pl_module.sample(self.num_samples, sigmas, weights=self.weights, seed=self.seed)
             grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), normalize=True, value_range=(-1, 1))
@@ -66,7 +67,7 @@ class SampleGrid(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"samples/sigmas_{name}", grid, step)
-            path = folder / f"step{step:07d}_sigmas_{name}.png"
+            path = self.folder / f"step{step:07d}_sigmas_{name}.png"
             tmp = path.with_name(path.stem + ".tmp.png")
             save_image(grid, tmp)
             os.replace(tmp, path)  # never a half-written PNG under the final name

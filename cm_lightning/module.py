@@ -55,6 +55,7 @@ class ConsistencyTrainingModule(LightningModule):
         eval_weights: str = "ema",
         predict_sigmas: list[float] = [80.0],
         predict_seed: int = 0,
+        compile: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -86,6 +87,8 @@ class ConsistencyTrainingModule(LightningModule):
             eval_weights: weights for validation and sampling: "online", "ema" (the first decay) or "ema_<decay>".
             predict_sigmas: sampling schedule of ``cm-lightning predict``: [80.0] one step, [80.0, 0.8] two.
             predict_seed: noise seed of ``predict``; image i depends on (seed, i) only.
+            compile: compile the networks with ``torch.compile`` for training and sampling (weights and
+                checkpoints unchanged); the first steps are slow while it compiles.
             optimizer: optimizer factory; None is Adam(lr=1e-4), the iCT setting.
             lr_scheduler: optional LR schedule factory, stepped every optimizer step.
         """
@@ -127,6 +130,13 @@ class ConsistencyTrainingModule(LightningModule):
                 f"unknown weights {weights!r} (eval_weights, or weights= of sample/SampleGrid): choose one of {sorted(names)}"
             )
         return names[weights]
+
+    def configure_model(self) -> None:
+        """``compile=True``: compile every network in place (``nn.Module.compile`` keeps the state-dict keys)."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for f in [self.online, *([self.target] if self.target is not None else []), *self.ema.values()]:
+                f.net.compile()
+            self._compiled = True
 
     def check_sampling(self, schedules: Sequence[Sequence[float]], weights: str | None) -> None:
         """Refuse sampling schedules or a weights name this model cannot use (callbacks call it in ``setup``)."""
