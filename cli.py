@@ -4,6 +4,8 @@
     cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path <file> --writer.output_dir samples
 """
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -36,6 +38,31 @@ class ConsistencyCLI(LightningCLI):
         super()._parse_ckpt_path()
         for key, value in chosen.items():
             self.config[self.config.subcommand].model[key] = value
+
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
+            self._resume_latest_run()
+
+    def _resume_latest_run(self) -> None:
+        """``--ckpt_path last``: continue the newest run's ``last.ckpt``, logging into the same version folder.
+
+        Lightning looks for "last" only in the new run's own (empty) checkpoint folder and so would start
+        from scratch; a requeued job that always passes ``--ckpt_path last`` must pick up where it stopped.
+        """
+        cfg = self.config.fit
+        logger = cfg.trainer.logger
+        if cfg.checkpoint.dirpath or not hasattr(logger, "init_args") or "TensorBoardLogger" not in logger.class_path:
+            return  # a fixed checkpoint folder: Lightning finds last.ckpt there itself
+        root = Path(logger.init_args.save_dir) / (logger.init_args.name or "lightning_logs")
+        found = [p for p in root.glob("version_*/checkpoints/last.ckpt") if p.parts[-3].split("_")[1].isdigit()]
+        if found:
+            latest = max(found, key=lambda p: int(p.parts[-3].split("_")[1]))
+            cfg.ckpt_path = str(latest)
+            logger.init_args.version = int(latest.parts[-3].split("_")[1])
+            # The same run goes on: overwrite its last.ckpt rather than start a last-v1.ckpt beside it,
+            # which the next `--ckpt_path last` would not pick.
+            cfg.checkpoint.enable_version_counter = False
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI:

@@ -1,6 +1,8 @@
 """Shared DataModule plumbing: loaders, the held-out validation split, [-1, 1] scaling."""
 
 import os
+from collections.abc import Callable, Iterator
+from itertools import islice
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -39,6 +41,52 @@ class EpochSeededSampler(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed + epoch)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch: its first pass skips the batches already trained on.
+
+    Lightning restarts an interrupted epoch from its first batch. Here the first ``__iter__`` skips
+    ``batches_done() mod len(self)`` batches of the epoch's (seeded) order, as indices, so no image is
+    loaded for nothing and a resumed run trains on exactly the batches of the uninterrupted one.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self._skip = 0
+        self._first = True
+
+    @property
+    def _index_sampler(self):
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skip) if self._skip else sampler
+
+    def __iter__(self):
+        if self._first and self.batches_done is not None:
+            self._skip = self.batches_done() % len(self)
+        self._first = False
+        try:
+            return super().__iter__()  # the iterator reads _index_sampler now
+        finally:
+            self._skip = 0
+
+    def state_dict(self) -> dict:
+        return {}  # the position is the trainer's global step, already in the checkpoint
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _SkipFirst:
+    def __init__(self, batches, skip: int):
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self) -> Iterator:
+        return islice(iter(self.batches), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.skip
 
 
 class ImageDataModule(LightningDataModule):
@@ -83,9 +131,10 @@ class ImageDataModule(LightningDataModule):
         n_val = max(1, round(len(dataset) * self.val_fraction))
         return tuple(random_split(dataset, [len(dataset) - n_val, n_val], torch.Generator().manual_seed(self.seed)))
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, shuffle: bool, **kwargs) -> DataLoader:
+        return ResumableLoader(
             dataset,
+            **kwargs,
             batch_size=self.batch_size,
             sampler=EpochSeededSampler(dataset, int(os.getenv("PL_GLOBAL_SEED", 0))) if shuffle else None,
             drop_last=shuffle and len(dataset) >= self.batch_size,
@@ -95,7 +144,11 @@ class ImageDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=True, batches_done=self._batches_done)
+
+    def _batches_done(self) -> int:
+        trainer = self.trainer
+        return trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

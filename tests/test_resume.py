@@ -1,0 +1,80 @@
+"""Exact resume: 2K steps straight equal K steps + a new process resuming K steps; SIGKILL leaves a usable run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import main
+from tests.test_cli import tiny_args
+
+K = 5  # mid-epoch: 118 training images, batch 8 → 14 batches per epoch
+ROOT = Path(__file__).parents[1]
+
+
+def resume_args(data_dir: Path, save_dir: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "fit", *tiny_args(data_dir), "--model.recipe=ct", "--model.dropout=0.1", "--model.ema_decays=[0.9, 0.99]",
+        f"--model.total_steps={2 * K}", "--model.lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR",
+        f"--model.lr_scheduler.T_max={2 * K}", f"--trainer.max_steps={max_steps}", "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=0", f"--checkpoint.every_n_train_steps={K}",
+        f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
+    ]
+
+
+def scalars(run: Path, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars(tag)}
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_the_straight_run(fake_mnist, tmp_path):
+    main(resume_args(fake_mnist, tmp_path / "straight", 2 * K))
+    main(resume_args(fake_mnist, tmp_path / "split", K))
+    first = tmp_path / "split" / "lightning_logs" / "version_0"
+    done = subprocess.run(  # a new process, as after a crash or a requeue
+        [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path / "split", 2 * K), "--ckpt_path=last"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "split" / "lightning_logs" / "version_1").exists()  # "last" continued version_0
+
+    straight = torch.load(tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    resumed = torch.load(first / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == resumed["global_step"] == 2 * K
+    worst = max((straight["state_dict"][k] - resumed["state_dict"][k]).abs().max().item() for k in straight["state_dict"])
+    assert worst <= 1e-6  # online, target θ⁻ and both EMAs
+    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert straight["lr_schedulers"] == resumed["lr_schedulers"]
+    for tag in ("train/num_scales", "train/target_ema", "train/loss", "lr-Adam"):
+        expected, got = scalars(tmp_path / "straight" / "lightning_logs" / "version_0", tag), scalars(first, tag)
+        assert sorted(got) == list(range(2 * K))
+        assert got == pytest.approx(expected, rel=1e-5), tag
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(fake_mnist, tmp_path):
+    every = "--checkpoint.every_n_train_steps=2"
+    args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, every)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    deadline = time.time() + 240
+    while not list(folder.glob("epoch=*-step=*.ckpt")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # well inside the run, between or during checkpoint writes
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped = torch.load(folder / "last.ckpt", weights_only=True)["global_step"]  # complete, loadable
+    assert 0 < stopped < 400
+    for path in folder.glob("*.ckpt"):
+        torch.load(path, weights_only=True)
+    main(resume_args(fake_mnist, tmp_path, stopped + 4, every, "--ckpt_path=last"))
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == stopped + 4  # the same file goes on
+    assert not list(folder.glob("last-v*.ckpt"))
