@@ -33,8 +33,9 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(dim // 2) * scale)
 
     def forward(self, c: Tensor) -> Tensor:
-        x = c.outer(2 * math.pi * self.freqs)
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        with torch.autocast(c.device.type, enabled=False):  # phases of |x| up to ~100: float32 under AMP
+            x = c.float().outer(2 * math.pi * self.freqs.float())
+            return torch.cat([x.cos(), x.sin()], dim=1)
 
 
 class PositionalEmbedding(nn.Module):
@@ -47,8 +48,9 @@ class PositionalEmbedding(nn.Module):
         self.scale = scale
 
     def forward(self, c: Tensor) -> Tensor:
-        x = (self.scale * c).outer(self.freqs)
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        with torch.autocast(c.device.type, enabled=False):  # phases up to ~1000: float32 under AMP
+            x = (self.scale * c.float()).outer(self.freqs.float())
+            return torch.cat([x.cos(), x.sin()], dim=1)
 
 
 class Attention(nn.Module):
