@@ -56,6 +56,7 @@ class ConsistencyTrainingModule(LightningModule):
         predict_sigmas: list[float] = [80.0],
         predict_seed: int = 0,
         compile: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -89,6 +90,8 @@ class ConsistencyTrainingModule(LightningModule):
             predict_seed: noise seed of ``predict``; image i depends on (seed, i) only.
             compile: compile the networks with ``torch.compile`` for training and sampling (weights and
                 checkpoints unchanged); the first steps are slow while it compiles.
+            on_nonfinite: a non-finite training loss "stop"s the run (weights and checkpoints untouched) or
+                "skip"s that step, counted in ``train/skipped_steps``.
             optimizer: optimizer factory; None is Adam(lr=1e-4), the iCT setting.
             lr_scheduler: optional LR schedule factory, stepped every optimizer step.
         """
@@ -113,6 +116,8 @@ class ConsistencyTrainingModule(LightningModule):
         self.ema = nn.ModuleDict({str(i): copy.deepcopy(self.online).requires_grad_(False) for i in range(len(ema_decays))})
         self.network(eval_weights)  # refuse an unknown name now, not at the first validation
         validate_sampling_sigmas(predict_sigmas, sigma_min, sigma_max)
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         if not 0 <= predict_seed < 2**31:
             raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
         self.optimizer_factory = optimizer
@@ -195,10 +200,32 @@ class ConsistencyTrainingModule(LightningModule):
             torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
             sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in self.recipe.draw_pairs(sigmas, len(x)))
             loss = self.consistency_loss(x, torch.randn_like(x), sigma_n, sigma_next)
+        if not self._finite_on_all_ranks(loss):
+            return self._nonfinite(loss, sigma_n, sigma_next)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/num_scales", float(num_scales))
         self.log("train/target_ema", self.recipe.target_ema(num_scales))
         return loss
+
+    def _finite_on_all_ranks(self, loss: Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank must take the same branch, or DDP hangs
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite.item())
+
+    def _nonfinite(self, loss: Tensor, sigma_n: Tensor, sigma_next: Tensor) -> None:
+        """No optimizer step for a non-finite loss: stop with what is known, or skip the step and count it."""
+        if self.hparams.on_nonfinite == "skip":
+            self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+            self.log("train/skipped_steps", float(self._skipped_steps))
+            return None  # Lightning skips backward and the optimizer step, on every rank alike
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at global step {self.global_step}, with σ_n in "
+            f"[{sigma_n.min().item():.4g}, {sigma_n.max().item():.4g}] and σ_n+1 up to {sigma_next.max().item():.4g}. "
+            "The weights were not updated and the checkpoints on disk are intact. Try a lower learning rate, "
+            "--trainer.precision 32-true, gradient clipping (--trainer.gradient_clip_val 1.0), or "
+            "--model.on_nonfinite skip; resume with --ckpt_path last."
+        )
 
     def on_validation_epoch_start(self) -> None:
         self._eval_seen = 0

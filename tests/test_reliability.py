@@ -1,0 +1,58 @@
+"""Faults never cost a run: non-finite losses stop cleanly or are skipped and counted."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from cm_lightning import ConsistencyTrainingModule
+from tests.conftest import TINY_NET
+from tests.test_module import make_trainer
+
+
+class NaNAt(ConsistencyTrainingModule):
+    """A module whose training loss is NaN at the given global steps (first try only)."""
+
+    def __init__(self, nan_steps: list[int] = [], **kwargs):
+        super().__init__(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
+        self.nan_steps = set(nan_steps)
+
+    def consistency_loss(self, x, z, sigma_n, sigma_next, f=None):
+        loss = super().consistency_loss(x, z, sigma_n, sigma_next, f)
+        if f is None and self.global_step in self.nan_steps:
+            self.nan_steps.discard(self.global_step)
+            return loss * float("nan")
+        return loss
+
+
+def data() -> DataLoader:
+    return DataLoader(torch.rand(32, 1, 16, 16) * 2 - 1, batch_size=4)
+
+
+def test_nonfinite_loss_stops_with_step_sigmas_and_hint_and_keeps_the_checkpoint(tmp_path):
+    m = NaNAt([3], recipe="ct")
+    ckpt = ModelCheckpoint(tmp_path, save_last=True, every_n_train_steps=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 3, with σ_n in .*learning rate"):
+        make_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[ckpt]).fit(m, data())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    assert all(torch.isfinite(p).all() for p in m.parameters())  # not even the live weights moved
+
+
+def test_nonfinite_loss_can_be_skipped_and_is_counted(tmp_path):
+    m = NaNAt([2, 4], on_nonfinite="skip", ema_decays=[0.9])
+    logger = CSVLogger(tmp_path)
+    make_trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1).fit(m, data())
+    assert m.global_step == 6  # six real optimizer steps; the two NaN batches did not count
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    skipped = [r.split(",")[header.index("train/skipped_steps")] for r in rows[1:]]
+    assert sorted({float(v) for v in skipped if v}) == [1.0, 2.0]
+
+
+def test_on_nonfinite_names_the_accepted_values():
+    with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip', got 'ignore'"):
+        NaNAt(on_nonfinite="ignore")
