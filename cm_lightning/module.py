@@ -24,6 +24,9 @@ from cm_lightning.recipes import DEFAULTS, make_recipe
 from cm_lightning.unet import UNet
 
 
+NETWORK_SHAPE = ("image_size", "channels", "model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "embedding_type")
+
+
 class ConsistencyTrainingModule(LightningModule):
     """Consistency training of f_θ from data alone (CM paper Algorithm 3; iCT)."""
 
@@ -135,6 +138,22 @@ class ConsistencyTrainingModule(LightningModule):
                 f"unknown weights {weights!r} (eval_weights, or weights= of sample/SampleGrid): choose one of {sorted(names)}"
             )
         return names[weights]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, by name, a checkpoint of another network shape (before PyTorch's list of tensor sizes)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differ = [k for k in NETWORK_SHAPE if k in saved and saved[k] != self.hparams[k]]
+        if "recipe" in saved and (saved["recipe"] == "ct") != (self.hparams.recipe == "ct"):
+            differ.append("recipe")  # a target network θ⁻ or none
+        if "ema_decays" in saved and len(saved["ema_decays"]) != len(self.hparams.ema_decays):
+            differ.append("ema_decays")  # how many EMA copies
+        if differ:
+            raise ValueError(
+                "the checkpoint was trained with other network settings: "
+                + "; ".join(f"{k}: checkpoint {saved[k]!r}, model {self.hparams[k]!r}" for k in differ)
+                + ". Build the model from the checkpoint (ConsistencyTrainingModule.load_from_checkpoint, or "
+                "--ckpt_path with the CLI, which takes the checkpoint's settings)."
+            )
 
     def configure_model(self) -> None:
         """``compile=True``: compile every network in place (``nn.Module.compile`` keeps the state-dict keys)."""

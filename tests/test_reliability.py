@@ -56,3 +56,17 @@ def test_nonfinite_loss_can_be_skipped_and_is_counted(tmp_path):
 def test_on_nonfinite_names_the_accepted_values():
     with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip', got 'ignore'"):
         NaNAt(on_nonfinite="ignore")
+
+
+def test_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
+    from tests.test_module import tiny
+
+    trainer = make_trainer(tmp_path, max_steps=1, enable_checkpointing=True)
+    trainer.fit(tiny(recipe="ct"), data())
+    path = tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"
+    other = tiny(model_channels=16, recipe="ict", ema_decays=[0.9, 0.99])
+    pattern = r"model_channels: checkpoint 8, model 16; recipe: checkpoint 'ct', model 'ict'; ema_decays: checkpoint \[0.9999\]"
+    with pytest.raises(ValueError, match=pattern):
+        make_trainer(tmp_path, max_steps=2).fit(other, data(), ckpt_path=path)
+    loaded = ConsistencyTrainingModule.load_from_checkpoint(path, weights_only=True)  # the file alone suffices
+    assert loaded.hparams.model_channels == 8 and loaded.target is not None
