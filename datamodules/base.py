@@ -1,13 +1,36 @@
 """Shared DataModule plumbing: loaders, the held-out validation split, [-1, 1] scaling."""
 
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from itertools import islice
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, random_split
+
+
+def require_files(name: str, folder: Path, files: list[str]) -> None:
+    """Refuse early, naming the folder and the missing files, when a dataset is not on disk."""
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name} is not in {folder}: missing {', '.join(missing)}. Pass --data.download true to fetch it "
+            "(needs internet), or --data.data_dir <folder that holds it in torchvision's layout>."
+        )
+
+
+def read_or_explain(name: str, folder: Path, read: Callable):
+    """``read()``, with unreadable files reported as such rather than as an error deep in torchvision."""
+    try:
+        return read()
+    except (RuntimeError, ValueError, OSError, EOFError, AssertionError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"the {name} files in {folder} cannot be read ({type(err).__name__}: {err}). They may be truncated "
+            "or corrupt: delete them and fetch them again with --data.download true."
+        ) from err
 
 
 class UInt8Images(Dataset):

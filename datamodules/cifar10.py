@@ -1,11 +1,15 @@
 """CIFAR-10 (32×32 RGB) scaled to [-1, 1], with random horizontal flips for training."""
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import Subset
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule, UInt8Images
+from datamodules.base import ImageDataModule, UInt8Images, read_or_explain, require_files
+
+FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -43,7 +47,9 @@ class CIFAR10DataModule(ImageDataModule):
             CIFAR10(self.data_dir, train=False, download=True)
 
     def _images(self, train: bool) -> torch.Tensor:
-        data = CIFAR10(self.data_dir, train=train, download=False).data  # (N, 32, 32, 3) uint8 numpy
+        folder = Path(self.data_dir) / "cifar-10-batches-py"
+        require_files("CIFAR-10", folder, FILES)
+        data = read_or_explain("CIFAR-10", folder, lambda: CIFAR10(self.data_dir, train=train, download=False).data)
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
     def setup(self, stage: str) -> None:

@@ -32,8 +32,11 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Tensor:
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert(self.mode))
+        try:
+            with Image.open(self.files[i]) as img:
+                return self.transform(img.convert(self.mode))
+        except OSError as err:  # PIL's "image file is truncated" names no file
+            raise ValueError(f"cannot read image {self.files[i]}: {err}") from err
 
 
 class ImageFolderDataModule(ImageDataModule):

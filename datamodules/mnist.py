@@ -1,9 +1,13 @@
 """MNIST, zero-padded from 28×28 to 32×32 so the UNet can halve it, scaled to [-1, 1]."""
 
+from pathlib import Path
+
 import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
-from datamodules.base import ImageDataModule, UInt8Images
+from datamodules.base import ImageDataModule, UInt8Images, read_or_explain, require_files
+
+FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 class MNISTDataModule(ImageDataModule):
@@ -38,8 +42,10 @@ class MNISTDataModule(ImageDataModule):
             MNIST(self.data_dir, train=False, download=True)
 
     def _load(self, train: bool) -> UInt8Images:
-        data = MNIST(self.data_dir, train=train, download=False).data  # (N, 28, 28) uint8
-        return UInt8Images(F.pad(data, (2, 2, 2, 2))[:, None])
+        folder = Path(self.data_dir) / "MNIST" / "raw"
+        require_files("MNIST", folder, FILES)
+        data = read_or_explain("MNIST", folder, lambda: MNIST(self.data_dir, train=train, download=False).data)
+        return UInt8Images(F.pad(data, (2, 2, 2, 2))[:, None])  # (N, 1, 32, 32) uint8
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):

@@ -34,10 +34,37 @@ def test_validation_split_is_the_same_every_time(fake_mnist):
     assert a.val_set.indices == b.val_set.indices
 
 
-def test_mnist_missing_files_say_where(tmp_path):
-    dm = MNISTDataModule(str(tmp_path / "nowhere"))
-    with pytest.raises(RuntimeError, match="Dataset not found"):
+@pytest.mark.parametrize("make, where", [
+    (MNISTDataModule, "MNIST is not in {}/MNIST/raw: missing train-images-idx3-ubyte, train-labels-idx1-ubyte"),
+    (CIFAR10DataModule, "CIFAR-10 is not in {}/cifar-10-batches-py: missing data_batch_1, data_batch_2"),
+])
+def test_missing_files_say_where_which_and_how_to_get_them(tmp_path, make, where):
+    dm = make(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=where.format(tmp_path / "nowhere") + ".*--data.download true"):
         dm.setup("fit")
+
+
+def test_truncated_mnist_is_reported_as_unreadable(fake_mnist):
+    images = fake_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # a download cut short
+    with pytest.raises(ValueError, match=r"the MNIST files in .*MNIST/raw cannot be read .*truncated or corrupt"):
+        MNISTDataModule(str(fake_mnist)).setup("fit")
+
+
+def test_corrupt_cifar10_is_reported_as_unreadable(fake_cifar10, skip_cifar_md5):
+    (fake_cifar10 / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"the CIFAR-10 files in .*cifar-10-batches-py cannot be read"):
+        CIFAR10DataModule(str(fake_cifar10)).setup("fit")
+
+
+def test_truncated_image_names_the_file(tmp_path):
+    write_images(tmp_path / "imgs", 4, (32, 32))
+    bad = tmp_path / "imgs" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    dm = ImageFolderDataModule(str(tmp_path / "imgs"), batch_size=4, num_workers=0, val_fraction=0.25)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"cannot read image .*002.png"):
+        [dm.train_set[i] for i in range(len(dm.train_set))] + [dm.val_set[0]]
 
 
 @pytest.fixture
