@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import SampleWriter
+from callbacks import GracefulInterrupt, SampleWriter
 from cm_lightning import ConsistencyTrainingModule
 from datamodules import ImageDataModule
 
@@ -73,7 +73,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI
         subclass_mode_data=True,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [LearningRateMonitor(logging_interval="step")],
+            "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulInterrupt()],
             "plugins": {"class_path": "cm_lightning.checkpoint_io.AtomicCheckpointIO"},
         },
         save_config_kwargs={"overwrite": True},

@@ -2,7 +2,8 @@
 
 from callbacks.ema import EMAUpdate
 from callbacks.fid import FID
+from callbacks.interrupt import GracefulInterrupt
 from callbacks.sample_grid import SampleGrid
 from callbacks.sample_writer import SampleWriter
 
-__all__ = ["FID", "EMAUpdate", "SampleGrid", "SampleWriter"]
+__all__ = ["FID", "EMAUpdate", "GracefulInterrupt", "SampleGrid", "SampleWriter"]

@@ -78,3 +78,22 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(fake_mnist, t
     main(resume_args(fake_mnist, tmp_path, stopped + 4, every, "--ckpt_path=last"))
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == stopped + 4  # the same file goes on
     assert not list(folder.glob("last-v*.ckpt"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_checkpoint_and_the_run_resumes(fake_mnist, tmp_path):
+    args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, "--checkpoint.every_n_train_steps=1000")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "lightning_logs" / "version_0"
+    deadline = time.time() + 240
+    while not (run / "hparams.yaml").exists() and time.time() < deadline:  # written as training starts
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]  # a clean stop, before the first periodic checkpoint
+    assert "Ctrl-C: finishing this step" in out
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < stopped < 400
+    main(resume_args(fake_mnist, tmp_path, stopped + 3, "--ckpt_path=last"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped + 3
