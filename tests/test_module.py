@@ -143,6 +143,10 @@ def test_sample_rejects_bad_schedules(sigmas, message):
         (dict(channels=2), "channels must be 1 or 3, got 2"),
         (dict(embedding_type="learned"), "embedding_type must be one of"),
         (dict(dropout=1.0), r"dropout must lie in \[0, 1\), got 1.0"),
+        (dict(predict_sigmas=[0.8, 80.0]), r"sigmas=\[0.8, 80.0\] must be strictly decreasing"),
+        (dict(predict_sigmas=[100.0]), r"must lie in \(sigma_min, sigma_max\] = \(0.002, 80.0\]"),
+        (dict(predict_seed=-1), r"predict_seed must lie in \[0, 2\*\*31\), got -1"),
+        (dict(eval_weights="ema_0.5"), r"unknown weights 'ema_0.5'.*choose one of \['ema', 'ema_0.9999', 'online'\]"),
     ],
 )
 def test_bad_model_arguments_are_named(kwargs, message):
