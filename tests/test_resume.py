@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main
-from tests.test_cli import tiny_args
+from tests.test_cli import tiny_args, trained_run  # noqa: F401 (fixture)
 
 K = 5  # mid-epoch: 118 training images, batch 8 → 14 batches per epoch
 ROOT = Path(__file__).parents[1]
@@ -97,3 +97,23 @@ def test_ctrl_c_saves_last_checkpoint_and_the_run_resumes(fake_mnist, tmp_path):
     assert 0 < stopped < 400
     main(resume_args(fake_mnist, tmp_path, stopped + 3, "--ckpt_path=last"))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped + 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_predict_leaves_only_complete_files(trained_run, fake_mnist, tmp_path):
+    from torchvision.io import decode_png, read_file
+
+    out = tmp_path / "samples"
+    args = [sys.executable, "cli.py", "predict", *tiny_args(fake_mnist), "--trainer.logger=false",
+            f"--ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "--data.predict_num_samples=100000",
+            "--data.batch_size=50", f"--writer.output_dir={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list(out.glob("*.png"))) < 200 and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pngs = sorted(out.glob("*.png"))
+    assert 200 <= len(pngs) < 100000 and not (out / "samples.npz").exists()  # no .npz passed off as complete
+    for png in pngs:  # every file under a final name decodes: nothing half-written
+        assert decode_png(read_file(str(png))).shape == (1, 32, 32)
