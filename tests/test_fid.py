@@ -54,7 +54,7 @@ def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
     [
         (dict(num_samples=1), "num_samples must be >= 2 for FID"),
         (dict(test_num_samples=1), "test_num_samples must be >= 2 for FID .* got 1"),
-        (dict(feature="clip"), r"feature must be one of \('mnist', 'inception'\), got 'clip'"),
+        (dict(feature="clip"), r"feature must be one of \('mnist', 'inception'\) or an nn.Module, got 'clip'"),
         (dict(schedules=[[80.0], [40.0]]), "distinct lengths"),
     ],
 )
