@@ -1,5 +1,7 @@
 """bf16-mixed on CPU (the same code path as 16-mixed/bf16-mixed on GPUs) and torch.compile against eager."""
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -58,3 +60,22 @@ def test_compiled_network_matches_eager():
     x, sigma = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([80.0, 0.5, 5.0, 0.01])
     torch.testing.assert_close(compiled.online(x, sigma), eager.online(x, sigma), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled.sample(4, seed=1), eager.sample(4, seed=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, max_backoffs", [("ct", 0), ("ict", 7 + 1)])
+def test_float16_grad_scaler_backs_off_only_as_the_curriculum_grows(tmp_path, recipe, max_backoffs):
+    """16-mixed (float16 autocast + Lightning's GradScaler; run here on CPU) skips a step only when the
+    scale halves. CT: never. iCT: λ(σ) = 1/(σ_{n+1} − σ_n) doubles each time N doubles (7 times here),
+    so the scaler settles one level lower each time (measured: 8 = 7 + one at the start); nothing else
+    in the step overflows."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu")
+    m = tiny(recipe=recipe)
+    trainer = make_trainer(tmp_path, max_steps=48, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(m, DataLoader(torch.rand(192, 1, 16, 16) * 2 - 1, batch_size=4))
+    backoffs = round(math.log2(65536.0 / scaler.get_scale()))
+    assert backoffs <= max_backoffs, backoffs
+    assert all(torch.isfinite(p).all() for p in m.parameters())
