@@ -169,10 +169,11 @@ class ConsistencyTrainingModule(LightningModule):
         self.network(weights or self.hparams.eval_weights)
 
     def configure_callbacks(self) -> list[Callback]:
-        """The module needs its EMA update to be correct, so it brings the callback itself."""
+        """The module needs its EMA update and its non-finite guard to be correct, so it brings them itself."""
         from callbacks.ema import EMAUpdate  # callbacks import cm_lightning: import at call time
+        from callbacks.nonfinite import NonFiniteGuard
 
-        return [EMAUpdate()] if self.ema else []
+        return [NonFiniteGuard()] + ([EMAUpdate()] if self.ema else [])
 
     # -- curriculum ---------------------------------------------------------------------------
 
@@ -235,8 +236,7 @@ class ConsistencyTrainingModule(LightningModule):
     def _nonfinite(self, loss: Tensor, sigma_n: Tensor, sigma_next: Tensor) -> None:
         """No optimizer step for a non-finite loss: stop with what is known, or skip the step and count it."""
         if self.hparams.on_nonfinite == "skip":
-            self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
-            self.log("train/skipped_steps", float(self._skipped_steps))
+            self.count_skipped_step()
             return None  # Lightning skips backward and the optimizer step, on every rank alike
         raise FloatingPointError(
             f"non-finite training loss ({loss.item()}) at global step {self.global_step}, with σ_n in "
@@ -245,6 +245,10 @@ class ConsistencyTrainingModule(LightningModule):
             "--trainer.precision 32-true, gradient clipping (--trainer.gradient_clip_val 1.0), or "
             "--model.on_nonfinite skip; resume with --ckpt_path last."
         )
+
+    def count_skipped_step(self) -> None:
+        self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+        self.log("train/skipped_steps", float(self._skipped_steps))
 
     def on_validation_epoch_start(self) -> None:
         self._eval_seen = 0

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -70,3 +71,51 @@ def test_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
         make_trainer(tmp_path, max_steps=2).fit(other, data(), ckpt_path=path)
     loaded = ConsistencyTrainingModule.load_from_checkpoint(path, weights_only=True)  # the file alone suffices
     assert loaded.hparams.model_channels == 8 and loaded.target is not None
+
+
+class InfGradAt(NaNAt):
+    """A finite loss whose gradients are infinite at the given global steps."""
+
+    def __init__(self, inf_steps: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.inf_steps = set(inf_steps)
+
+    def on_after_backward(self):
+        if self.global_step in self.inf_steps:
+            self.inf_steps.discard(self.global_step)
+            next(self.online.parameters()).grad.fill_(float("inf"))
+
+
+def test_nonfinite_gradients_stop_before_the_weights_move(tmp_path):
+    m = InfGradAt([2], recipe="ct")
+    ckpt = ModelCheckpoint(tmp_path, save_last=True, every_n_train_steps=1)
+    with pytest.raises(FloatingPointError, match="non-finite gradients at global step 2 .*checkpoints on disk are intact"):
+        make_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[ckpt]).fit(m, data())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_nonfinite_gradients_can_be_skipped(tmp_path):
+    m = InfGradAt([1, 3], on_nonfinite="skip", optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    before = {}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            before[trainer.global_step] = torch.nn.utils.parameters_to_vector(pl_module.online.parameters()).detach().clone()
+
+    make_trainer(tmp_path, max_steps=5, callbacks=[Watch()]).fit(m, data())
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert torch.equal(before[1], before[2]) and not torch.equal(before[2], before[3])  # step 1 left the weights alone
+    assert m._skipped_steps == 2
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
+    m = NaNAt(recipe="ct")
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(m, data())
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    with torch.no_grad():
+        m.target.net.out[2].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"refusing to save a checkpoint at global step 1: non-finite values in target.net.out.2.weight"):
+        trainer.save_checkpoint(tmp_path / "good.ckpt")
+    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "good.ckpt", weights_only=True)["state_dict"].values())
