@@ -1,0 +1,80 @@
+"""Shared by the benchmark scripts: build a preset's module, time things, write results."""
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cm_lightning import ConsistencyTrainingModule  # noqa: E402
+
+NETWORK_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "embedding_type",
+                "recipe", "loss", "s0", "s1", "ema_decays", "ema_warmup")
+
+
+def load_preset(path: str) -> dict:
+    return yaml.safe_load((ROOT / path).read_text())
+
+
+def preset_channels(config: dict) -> int:
+    return 1 if "mnist" in config["data"]["class_path"].lower() else 3
+
+
+def build_module(config: dict, **overrides) -> ConsistencyTrainingModule:
+    """The preset's network and recipe (seeded), with its Adam learning rate and no LR schedule."""
+    model = {k: v for k, v in config["model"].items() if k in NETWORK_KEYS}
+    lr = config["model"].get("optimizer", {}).get("init_args", {}).get("lr", 1e-4)
+    torch.manual_seed(0)
+    return ConsistencyTrainingModule(
+        image_size=32, channels=preset_channels(config), **{**model, "eval_weights": "online", **overrides},
+        optimizer=lambda p: torch.optim.Adam(p, lr=lr),
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """The best FLOP/s of an n×n matmul on this device: the machine's practical peak."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def write_result(name: str, result: dict) -> Path:
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
