@@ -14,6 +14,22 @@ from cm_lightning import ConsistencyTrainingModule
 from datamodules import ImageDataModule
 
 
+class LRMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, silent instead of failing when the run has no logger."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 # Settings that say how to use a trained network, not what it is: the user's value beats the checkpoint's.
 EVALUATION_ARGS = ("eval_weights", "predict_sigmas", "predict_seed", "val_num_scales")
 
@@ -73,7 +89,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI
         subclass_mode_data=True,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulInterrupt()],
+            "callbacks": [LRMonitor(logging_interval="step"), GracefulInterrupt()],
             "plugins": {"class_path": "cm_lightning.checkpoint_io.AtomicCheckpointIO"},
         },
         save_config_kwargs={"overwrite": True},

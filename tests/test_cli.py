@@ -126,3 +126,11 @@ def test_predict_writes_seeded_png_and_npz_independent_of_batch_size(trained_run
     predict(fake_mnist, tmp_path, ckpt, tmp_path / "c", "--writer.formats=[npz]")  # seed 0, one step
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["samples.npz"]
     assert not np.array_equal(np.load(tmp_path / "c" / "samples.npz")["arr_0"], array)
+
+
+@pytest.mark.slow
+def test_fit_without_a_logger_runs(fake_mnist, tmp_path):
+    """`--trainer.logger false` must not trip the LR monitor (Lightning's raises without a logger)."""
+    main(["fit", *tiny_args(fake_mnist), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+          "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
