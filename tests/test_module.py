@@ -174,3 +174,19 @@ def test_validation_loss_is_fixed_and_independent_of_batch_size(tmp_path):
     ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == losses[2]
     assert losses[0] > 0
+
+
+def test_seeded_sampling_is_per_image_and_independent_of_batching():
+    from cm_lightning import indexed_noise
+
+    m = tiny(eval_weights="online")
+    randomise(m.online)
+    whole = m.sample(5, (80.0, 0.8), seed=3)
+    parts = torch.cat([m.sample(2, (80.0, 0.8), seed=3), m.sample(3, (80.0, 0.8), seed=3, first_index=2)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, m.sample(5, (80.0, 0.8), seed=4))
+    z = indexed_noise(7, range(1000), 1, (4,))[0]
+    assert len({tuple(row.tolist()) for row in z}) == 1000  # no two images share their noise
+    assert torch.equal(indexed_noise(7, [5, 9], 2, (4,)), indexed_noise(7, range(10), 2, (4,))[:, [5, 9]])
+    with pytest.raises(ValueError, match="either generator= or seed=, not both"):
+        m.sample(2, generator=torch.Generator(), seed=0)
