@@ -16,7 +16,7 @@ class FID(Callback):
 
     Each rank generates its share of ``num_samples`` images, image i from noise seeded by (``seed``, i);
     torchmetrics syncs the feature statistics, so the FID uses ``num_samples`` images in total and does
-    not depend on the number of ranks or on ``batch_size``.
+    not depend on the number of ranks or on ``batch_size`` (beyond float rounding in the network).
     Real-image statistics are computed once per run from the validation split (fit) or test set (test).
     """
 

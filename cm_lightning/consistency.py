@@ -40,8 +40,8 @@ def validate_sampling_sigmas(sigmas: Sequence[float], sigma_min: float, sigma_ma
 def indexed_noise(seed: int, indices: Sequence[int], num_draws: int, shape: Sequence[int]) -> Tensor:
     """Standard normal noise (num_draws, len(indices), *shape); image i's draws depend on (seed, i) alone.
 
-    So generated image i is the same whatever the batch size, the number of ranks or the order
-    of generation: FID and exported samples do not change when a run moves to more GPUs.
+    So image i starts from the same noise whatever the batch size, the number of ranks or the order of
+    generation: FID and exported samples do not change (beyond float rounding) when a run moves to more GPUs.
     """
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed must lie in [0, 2**31), got {seed}")

@@ -183,8 +183,8 @@ def test_seeded_sampling_is_per_image_and_independent_of_batching():
     randomise(m.online)
     whole = m.sample(5, (80.0, 0.8), seed=3)
     parts = torch.cat([m.sample(2, (80.0, 0.8), seed=3), m.sample(3, (80.0, 0.8), seed=3, first_index=2)])
-    assert torch.equal(whole, parts)
-    assert not torch.equal(whole, m.sample(5, (80.0, 0.8), seed=4))
+    torch.testing.assert_close(whole, parts, rtol=0, atol=1e-5)  # the same noise; convolutions round per batch size
+    assert not torch.allclose(whole, m.sample(5, (80.0, 0.8), seed=4), atol=1e-2)
     z = indexed_noise(7, range(1000), 1, (4,))[0]
     assert len({tuple(row.tolist()) for row in z}) == 1000  # no two images share their noise
     assert torch.equal(indexed_noise(7, [5, 9], 2, (4,)), indexed_noise(7, range(10), 2, (4,))[:, [5, 9]])
