@@ -55,7 +55,6 @@ class ConsistencyCLI(LightningCLI):
         for key, value in chosen.items():
             self.config[self.config.subcommand].model[key] = value
 
-
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
             self._resume_latest_run()
@@ -71,11 +70,12 @@ class ConsistencyCLI(LightningCLI):
         if cfg.checkpoint.dirpath or not hasattr(logger, "init_args") or "TensorBoardLogger" not in logger.class_path:
             return  # a fixed checkpoint folder: Lightning finds last.ckpt there itself
         root = Path(logger.init_args.save_dir) / (logger.init_args.name or "lightning_logs")
-        found = [p for p in root.glob("version_*/checkpoints/last.ckpt") if p.parts[-3].split("_")[1].isdigit()]
-        if found:
-            latest = max(found, key=lambda p: int(p.parts[-3].split("_")[1]))
-            cfg.ckpt_path = str(latest)
-            logger.init_args.version = int(latest.parts[-3].split("_")[1])
+        runs = {int(p.parts[-3].removeprefix("version_")): p for p in root.glob("version_*/checkpoints/last.ckpt")
+                if p.parts[-3].removeprefix("version_").isdigit()}
+        if runs:
+            version = max(runs)
+            cfg.ckpt_path = str(runs[version])
+            logger.init_args.version = version
             # The same run goes on: overwrite its last.ckpt rather than start a last-v1.ckpt beside it,
             # which the next `--ckpt_path last` would not pick.
             cfg.checkpoint.enable_version_counter = False

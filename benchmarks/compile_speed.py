@@ -9,34 +9,23 @@ Prints the medians and the ratios and writes them to ``benchmarks/results/compil
 
 import argparse
 import json
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from cm_lightning import ConsistencyTrainingModule  # noqa: E402
-from cm_lightning.karras import karras_sigmas  # noqa: E402
+from common import build_module, load_preset, machine, median, preset_channels, sync, timed, write_result
+from cm_lightning.karras import karras_sigmas
 
 
-def build(config: dict, compile: bool, device: str) -> ConsistencyTrainingModule:
-    keys = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "embedding_type", "recipe", "s0", "s1")
-    model = {k: v for k, v in config["model"].items() if k in keys}
-    torch.manual_seed(0)
-    m = ConsistencyTrainingModule(image_size=32, channels=1 if "mnist" in config["data"]["class_path"].lower() else 3,
-                                  **model, ema_decays=[], eval_weights="online", compile=compile, total_steps=1000)
+def build(config: dict, compile: bool, device: str):
+    m = build_module(config, ema_decays=[], compile=compile, total_steps=1000)
     m.configure_model()
     return m.to(device)
 
 
 def train_steps(m, opt, x, steps: int) -> float:
     sigmas = karras_sigmas(m.num_scales(500), 0.002, 80.0, 7.0)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
+    sync(x.device)
     start = time.perf_counter()
     for _ in range(steps):
         sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in m.recipe.draw_pairs(sigmas, len(x)))
@@ -44,18 +33,13 @@ def train_steps(m, opt, x, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync()
+    sync(x.device)
     return len(x) * steps / (time.perf_counter() - start)
 
 
 def sample_speed(m, n: int, repeats: int) -> float:
     m.sample(n, seed=0)  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        m.sample(n, seed=0)
-        times.append(time.perf_counter() - start)
-    return n / statistics.median(times)
+    return n / median([timed(lambda: m.sample(n, seed=0), m.device) for _ in range(repeats)])
 
 
 def main() -> None:
@@ -65,11 +49,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args()
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = load_preset(args.config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = args.batch_size or config["data"]["init_args"]["batch_size"]
     nets = {name: build(config, name == "compiled", device) for name in ("eager", "compiled")}
-    x = torch.rand(batch, nets["eager"].hparams.channels, 32, 32, device=device) * 2 - 1
+    x = torch.rand(batch, preset_channels(config), 32, 32, device=device) * 2 - 1
     opts = {k: torch.optim.Adam(m.online.parameters(), lr=1e-4) for k, m in nets.items()}
     warm = {}
     for name, m in nets.items():
@@ -80,18 +64,15 @@ def main() -> None:
     for _ in range(args.repeats):  # alternate, so a noisy neighbour hurts both alike
         for name, m in nets.items():
             speeds[name].append(train_steps(m, opts[name], x, args.steps))
-    train = {k: statistics.median(v) for k, v in speeds.items()}
+    train = {k: median(v) for k, v in speeds.items()}
     sample = {k: sample_speed(m, batch, args.repeats) for k, m in nets.items()}
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
-        "torch": torch.__version__, "config": args.config, "batch": batch, "steps": args.steps, "repeats": args.repeats,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": device, "config": args.config, "batch": batch, "steps": args.steps, "repeats": args.repeats,
         "warmup_3_steps_s": warm, "train_images_per_s": train, "train_ratio_compiled_over_eager": train["compiled"] / train["eager"],
         "sample_1step_images_per_s": sample, "sample_ratio_compiled_over_eager": sample["compiled"] / sample["eager"],
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / "compile_speed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {write_result('compile_speed', result)}")
 
 
 if __name__ == "__main__":

@@ -24,16 +24,18 @@ from common import ROOT, machine, write_result
 from callbacks import FID
 from cli import build_cli
 from cm_lightning import ConsistencyTrainingModule
+from datamodules import MNISTDataModule
 
 RESULTS = ROOT / "benchmarks" / "results"
 CT_PAPER = ["--model.recipe=ct", "--model.s0=2", "--model.s1=150", "--model.mu0=0.9"]
 
 
 class TimedCheckpoints(Callback):
-    """Saves a checkpoint each time training time (checkpoint writing excluded) passes the next mark."""
+    """Saves a checkpoint each time training time (checkpoint writing excluded) passes the next mark,
+    and stops training when that time reaches ``budget_s``."""
 
-    def __init__(self, marks_s: list[float], folder: Path, prefix: str):
-        self.marks, self.folder, self.prefix, self.saved = list(marks_s), folder, prefix, []
+    def __init__(self, marks_s: list[float], budget_s: float, folder: Path, prefix: str):
+        self.marks, self.budget_s, self.folder, self.prefix, self.saved = list(marks_s), budget_s, folder, prefix, []
         self.start, self.paused = None, 0.0
 
     def on_train_start(self, trainer, pl_module):
@@ -44,13 +46,16 @@ class TimedCheckpoints(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.marks and self.elapsed() >= self.marks[0]:
-            self.save(trainer, self.marks.pop(0))
+            self.marks.pop(0)
+            self.save(trainer)
+        if self.elapsed() >= self.budget_s:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):
         if self.marks or not self.saved or self.saved[-1]["step"] != trainer.global_step:
-            self.save(trainer, self.elapsed())
+            self.save(trainer)
 
-    def save(self, trainer, mark: float) -> None:
+    def save(self, trainer) -> None:
         begin = time.perf_counter()
         path = self.folder / f"{self.prefix}_{len(self.saved)}.ckpt"
         trainer.save_checkpoint(path)
@@ -89,27 +94,13 @@ class _StepStamps(Callback):
 def train(recipe: str, args, steps: int, work: Path) -> list[dict]:
     marks = [args.budget_min * 60 * (i + 1) / args.points for i in range(args.points)]
     cli = build_cli(cli_args(args.data_dir, work / recipe, steps, CT_PAPER if recipe == "ct" else []), run=False)
-    checkpoints = TimedCheckpoints(marks[:-1], work, recipe)  # the last mark is the end of training
+    checkpoints = TimedCheckpoints(marks[:-1], marks[-1], work, recipe)  # the last mark is the end of training
     cli.trainer.callbacks.append(checkpoints)
-    _stop_at(cli.trainer, args.budget_min * 60, checkpoints)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return checkpoints.saved
 
 
-def _stop_at(trainer: Trainer, budget_s: float, clock: TimedCheckpoints) -> None:
-    """Stop when the training time of ``clock`` (checkpoint writing excluded) reaches the budget."""
-
-    class Stop(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if clock.elapsed() >= budget_s:
-                trainer.should_stop = True
-
-    trainer.callbacks.append(Stop())
-
-
 def evaluate(path: str, data_dir: str, num_samples: int) -> dict[str, float]:
-    from datamodules import MNISTDataModule
-
     module = ConsistencyTrainingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     fid = FID(num_samples=num_samples, feature="mnist", batch_size=500)
     trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,

@@ -1,12 +1,13 @@
 """Sample grids from fixed noise, to TensorBoard and to PNG files, during training."""
 
 import math
-import os
 from pathlib import Path
 
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
+
+from cm_lightning.checkpoint_io import atomic_write
 
 
 class SampleGrid(Callback):
@@ -68,6 +69,4 @@ class SampleGrid(Callback):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"samples/sigmas_{name}", grid, step)
             path = self.folder / f"step{step:07d}_sigmas_{name}.png"
-            tmp = path.with_name(path.stem + ".tmp.png")
-            save_image(grid, tmp)
-            os.replace(tmp, path)  # never a half-written PNG under the final name
+            atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))  # never a half-written PNG

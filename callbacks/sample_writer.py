@@ -1,6 +1,5 @@
 """Writes what ``cm-lightning predict`` generates: one PNG per image and/or one ``samples.npz``."""
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -9,6 +8,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from torchvision.io import write_png
+
+from cm_lightning.checkpoint_io import atomic_write
 
 FORMATS = ("png", "npz")
 
@@ -54,10 +55,7 @@ class SampleWriter(BasePredictionWriter):
         images, indices = to_uint8(prediction).cpu(), batch.cpu()
         if "png" in self.formats:
             for index, image in zip(indices.tolist(), images):
-                path = self.folder / f"{index:06d}.png"
-                tmp = path.with_name(f".{path.name}.tmp")
-                write_png(image, str(tmp))
-                os.replace(tmp, path)
+                atomic_write(self.folder / f"{index:06d}.png", lambda tmp: write_png(image, str(tmp)))
         if "npz" in self.formats:
             self._parts.append((indices, images))
 
@@ -66,7 +64,7 @@ class SampleWriter(BasePredictionWriter):
             return
         rank_file = self.folder / f".part{trainer.global_rank}.pt"
         indices, images = (torch.cat(t) for t in zip(*self._parts)) if self._parts else (torch.empty(0), None)
-        _replace(rank_file, lambda tmp: torch.save({"indices": indices, "images": images}, tmp))
+        atomic_write(rank_file, lambda tmp: torch.save({"indices": indices, "images": images}, tmp))
         self._parts = []
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -74,7 +72,7 @@ class SampleWriter(BasePredictionWriter):
             parts = [p for p in parts if p["images"] is not None]
             order = torch.cat([p["indices"] for p in parts]).argsort()
             array = torch.cat([p["images"] for p in parts])[order].permute(0, 2, 3, 1).numpy()
-            _replace(self.folder / "samples.npz", lambda tmp: save_npz(tmp, array))
+            atomic_write(self.folder / "samples.npz", lambda tmp: save_npz(tmp, array))
             for r in range(trainer.world_size):
                 (self.folder / f".part{r}.pt").unlink()
         trainer.strategy.barrier()
@@ -91,9 +89,3 @@ def save_npz(path: Path, array: np.ndarray) -> None:
         with archive.open(zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
             np.lib.format.write_array(f, array, allow_pickle=False)
 
-
-def _replace(path: Path, write) -> None:
-    """Write through a hidden temporary file, then rename: the final name only ever holds a complete file."""
-    tmp = path.with_name(f".{path.name.lstrip('.')}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -1,6 +1,7 @@
-"""Checkpoint files that are either complete or absent, whatever kills the run."""
+"""Files that are either complete or absent, whatever kills the run: checkpoints, sample PNGs, ``.npz``."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -8,23 +9,32 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
+    """``write`` a hidden temporary file beside ``path``, then rename it to ``path``.
+
+    A rename within one folder is atomic, so ``path`` only ever holds a complete file. ``durable``
+    also syncs the data to disk before the rename (for checkpoints, which must survive a power loss).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name.lstrip('.')}.tmp")
+    write(tmp)
+    if durable:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a hidden file beside its final name, syncs it, then renames it.
+    """Writes each checkpoint with ``atomic_write``: beside its final name, synced, then renamed.
 
     Lightning's own save stages the file in the system temp folder and then *moves* it; when that
     folder is on another file system (local /tmp, shared checkpoint disk: the usual cluster layout)
-    the move is a copy, and a kill during it leaves a truncated ``last.ckpt``. A rename within one
-    folder is atomic, so a SIGKILL here costs at most the checkpoint being written.
+    the move is a copy, and a kill during it leaves a truncated ``last.ckpt``. Here a SIGKILL costs
+    at most the checkpoint being written.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote stores: Lightning's fsspec path
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), durable=True)

@@ -126,6 +126,8 @@ class ConsistencyTrainingModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._total_steps = total_steps
+        self._compiled = False
+        self._skipped_steps = 0
 
     def network(self, weights: str) -> ConsistencyFunction:
         """The consistency function with the named weights: "online", "ema" or "ema_<decay>"."""
@@ -157,7 +159,7 @@ class ConsistencyTrainingModule(LightningModule):
 
     def configure_model(self) -> None:
         """``compile=True``: compile every network in place (``nn.Module.compile`` keeps the state-dict keys)."""
-        if self.hparams.compile and not getattr(self, "_compiled", False):
+        if self.hparams.compile and not self._compiled:
             for f in [self.online, *([self.target] if self.target is not None else []), *self.ema.values()]:
                 f.net.compile()
             self._compiled = True
@@ -247,7 +249,7 @@ class ConsistencyTrainingModule(LightningModule):
         )
 
     def count_skipped_step(self) -> None:
-        self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+        self._skipped_steps += 1
         self.log("train/skipped_steps", float(self._skipped_steps))
 
     def on_validation_epoch_start(self) -> None:
@@ -319,13 +321,19 @@ class ConsistencyTrainingModule(LightningModule):
         if seed is not None and generator is not None:
             raise ValueError("give either generator= or seed=, not both")
         validate_sampling_sigmas(sigmas, self.hparams.sigma_min, self.hparams.sigma_max)
-        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         if seed is not None:
-            noise = indexed_noise(seed, range(first_index, first_index + num_samples), len(sigmas), shape)
-        else:
-            device = generator.device if generator is not None else self.device
-            noise = torch.randn(len(sigmas), num_samples, *shape, generator=generator, device=device)
+            return self.sample_indexed(range(first_index, first_index + num_samples), sigmas, seed, weights)
+        device = generator.device if generator is not None else self.device
+        noise = torch.randn(len(sigmas), num_samples, *self.image_shape, generator=generator, device=device)
         return self.sample_from_noise(noise, sigmas, weights)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.hparams.channels, self.hparams.image_size, self.hparams.image_size
+
+    def sample_indexed(self, indices: Sequence[int], sigmas: Sequence[float], seed: int, weights: str | None = None) -> Tensor:
+        """Image ``indices[j]`` from the noise seeded by (seed, indices[j]): batch- and rank-free sampling."""
+        return self.sample_from_noise(indexed_noise(seed, indices, len(sigmas), self.image_shape), sigmas, weights)
 
     @torch.no_grad()
     def sample_from_noise(self, noise: Tensor, sigmas: Sequence[float], weights: str | None = None) -> Tensor:
@@ -340,10 +348,7 @@ class ConsistencyTrainingModule(LightningModule):
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Images for a batch of sample indices (the DataModule's predict loader), seeded per index."""
-        sigmas = self.hparams.predict_sigmas
-        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
-        noise = indexed_noise(self.hparams.predict_seed, batch.tolist(), len(sigmas), shape)
-        return self.sample_from_noise(noise, sigmas)
+        return self.sample_indexed(batch.tolist(), self.hparams.predict_sigmas, self.hparams.predict_seed)
 
 
 def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:
