@@ -6,10 +6,10 @@
 
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import GracefulInterrupt, SampleWriter
+from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
 from cm_lightning import ConsistencyTrainingModule
 from datamodules import ImageDataModule
 
@@ -39,7 +39,7 @@ class ConsistencyCLI(LightningCLI):
         # The data decides the image geometry; the model is told, the user is not asked twice.
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SampleWriter, "writer")  # acts in `predict` only
 

@@ -58,6 +58,16 @@ def test_resumed_run_matches_the_straight_run(fake_mnist, tmp_path):
         assert got == pytest.approx(expected, rel=1e-5), tag
 
 
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(fake_mnist, tmp_path):
+    main(resume_args(fake_mnist, tmp_path, K + 2))  # periodic saves every K steps: one at K, none at the end
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == [f"epoch=0-step={K}.ckpt", "last.ckpt"]
+    periodic = torch.load(folder / f"epoch=0-step={K}.ckpt", weights_only=True)
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (periodic["global_step"], last["global_step"]) == (K, K + 2)  # Lightning alone leaves last.ckpt at K
+    assert any(not torch.equal(periodic["state_dict"][k], v) for k, v in last["state_dict"].items())
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(fake_mnist, tmp_path):
     every = "--checkpoint.every_n_train_steps=2"
