@@ -1,4 +1,4 @@
-"""Lightning's ModelCheckpoint, with ``last.ckpt`` always holding the final step of a finished ``fit``."""
+"""Lightning's ModelCheckpoint, with ``last.ckpt`` always holding the final step of ``fit``."""
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -10,9 +10,20 @@ class FinalCheckpoint(ModelCheckpoint):
     end of training only if none was written during the run. A run of ``max_steps=3400`` saving every
     500 steps therefore ended with ``last.ckpt`` at step 3000: the last 400 steps (the end of the
     learning-rate decay) were lost, and ``test``, ``predict`` and ``--ckpt_path last`` used the older
-    weights. Here a finished ``fit`` writes ``last.ckpt`` at its final step unless that step is saved.
+    weights. Here the final step is always in ``last.ckpt``.
+
+    When ``fit`` is about to stop inside an epoch (``max_steps`` reached, or ``trainer.should_stop`` set
+    by Ctrl-C or another callback), the file is written at the end of that step, like a periodic one:
+    after every other callback's batch-end work (the EMA update) and with the loop position inside the
+    epoch, so ``--ckpt_path last`` resumes exactly. A run that ends with its epoch is saved at the end.
     """
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stops = trainer.should_stop and trainer.global_step >= (trainer.fit_loop.min_steps or 0)
+        if (stops or 0 <= trainer.max_steps <= trainer.global_step) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+        if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -2,10 +2,11 @@
 
 import signal
 import threading
-from pathlib import Path
 
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from callbacks.checkpoint import FinalCheckpoint
 
 
 class GracefulInterrupt(Callback):
@@ -14,8 +15,9 @@ class GracefulInterrupt(Callback):
     Lightning's own handling of Ctrl-C stops wherever the signal lands (possibly between the optimizer
     step and the EMA update) and saves nothing, so a run interrupted before its first periodic
     checkpoint is lost. Here the signal only raises a flag; after the current optimizer step every
-    rank agrees to stop, ``last.ckpt`` is written as a periodic checkpoint would be, and ``fit``
-    returns. ``--ckpt_path last`` resumes it exactly.
+    rank agrees to stop and sets ``trainer.should_stop``, and ``FinalCheckpoint`` (the CLI's
+    ``--checkpoint``) writes ``last.ckpt`` at the end of that step, after the EMA update and inside the
+    epoch, as a periodic checkpoint would be. ``--ckpt_path last`` resumes it exactly.
     """
 
     def __init__(self):
@@ -24,6 +26,9 @@ class GracefulInterrupt(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._interrupted = False
+        checkpoint = trainer.checkpoint_callback
+        if not (isinstance(checkpoint, FinalCheckpoint) and checkpoint.save_last):
+            rank_zero_warn("GracefulInterrupt: without FinalCheckpoint(save_last=True) Ctrl-C stops without saving")
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
 
@@ -35,17 +40,14 @@ class GracefulInterrupt(Callback):
         rank_zero_info("\nCtrl-C: finishing this step and saving last.ckpt (press Ctrl-C again to abort now)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
-            return
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.dirpath is not None:
-            path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-            trainer.save_checkpoint(path)
-            rank_zero_info(f"saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
-        trainer.should_stop = True
+        if trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
+            trainer.should_stop = True  # FinalCheckpoint, the last callback, saves this step
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
+        if self._interrupted and trainer.checkpoint_callback is not None:
+            rank_zero_info(f"stopped at step {trainer.global_step}: {trainer.checkpoint_callback.last_model_path};"
+                           " resume with --ckpt_path last")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()

@@ -58,14 +58,27 @@ def test_resumed_run_matches_the_straight_run(fake_mnist, tmp_path):
         assert got == pytest.approx(expected, rel=1e-5), tag
 
 
+def max_weight_difference(a: Path, b: Path) -> float:
+    sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+@pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(fake_mnist, tmp_path):
-    main(resume_args(fake_mnist, tmp_path, K + 2))  # periodic saves every K steps: one at K, none at the end
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    main(resume_args(fake_mnist, tmp_path / "split", K + 2))  # periodic saves every K steps: one at K, none at the end
+    folder = tmp_path / "split" / "lightning_logs" / "version_0" / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.ckpt")) == [f"epoch=0-step={K}.ckpt", "last.ckpt"]
     periodic = torch.load(folder / f"epoch=0-step={K}.ckpt", weights_only=True)
     last = torch.load(folder / "last.ckpt", weights_only=True)
     assert (periodic["global_step"], last["global_step"]) == (K, K + 2)  # Lightning alone leaves last.ckpt at K
-    assert any(not torch.equal(periodic["state_dict"][k], v) for k, v in last["state_dict"].items())
+    assert max_weight_difference(folder / f"epoch=0-step={K}.ckpt", folder / "last.ckpt") > 0
+
+    # saved inside the epoch, after the EMA update: going on from it is the same as never stopping
+    main(resume_args(fake_mnist, tmp_path / "split", 2 * K, "--ckpt_path=last"))
+    main(resume_args(fake_mnist, tmp_path / "straight", 2 * K))
+    straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert max_weight_difference(straight, folder / "last.ckpt") == 0.0
 
 
 @pytest.mark.slow
@@ -107,6 +120,11 @@ def test_ctrl_c_saves_last_checkpoint_and_the_run_resumes(fake_mnist, tmp_path):
     assert 0 < stopped < 400
     main(resume_args(fake_mnist, tmp_path, stopped + 3, "--ckpt_path=last"))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped + 3
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # one last.ckpt, not a second beside it
+    # saved after the EMA update, inside the epoch: the same weights as a run that was never interrupted
+    main(resume_args(fake_mnist, tmp_path / "straight", stopped + 3, "--checkpoint.every_n_train_steps=1000"))
+    straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert max_weight_difference(straight, run / "checkpoints" / "last.ckpt") == 0.0
 
 
 @pytest.mark.slow
