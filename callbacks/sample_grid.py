@@ -48,7 +48,12 @@ class SampleGrid(Callback):
         # trainer.log_dir is a broadcast: every rank must ask, here, not rank zero alone later on
         self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_written = trainer.global_step  # a resumed run drew this step's grid before it stopped
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Step N's grid is drawn as step N + 1 begins: after every callback's batch-end work for step N
+        # (the EMA update among them), so "step N" shows the weights of step N.
         if trainer.global_step % self.every_n_steps == 0:
             self._write(trainer, pl_module)
 

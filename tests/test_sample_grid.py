@@ -2,11 +2,15 @@
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
+from torchvision.io import read_image
+from torchvision.utils import make_grid
 
 from callbacks import SampleGrid
+from cm_lightning import ConsistencyTrainingModule
 from tests.test_module import make_trainer, tiny
 
 
@@ -36,6 +40,20 @@ def test_identical_noise_gives_identical_grids(tmp_path):
     assert one_step[0] == one_step[1] == one_step[2]
     fit_with_grid(tmp_path / "b", lr=0.0, seed=1)
     assert (tmp_path / "b" / "run" / "version_0" / "samples" / "step0000002_sigmas_80.png").read_bytes() != one_step[0]
+
+
+def test_grid_of_step_n_shows_the_ema_weights_of_step_n(tmp_path):
+    torch.manual_seed(0)
+    m = tiny(ema_decays=[0.5], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    grid = SampleGrid(every_n_steps=2, num_samples=4, schedules=[[80.0]], weights="ema")
+    saves = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[grid, saves])
+    trainer.fit(m, DataLoader(torch.rand(24, 1, 16, 16) * 2 - 1, batch_size=4))
+    at_2 = ConsistencyTrainingModule.load_from_checkpoint(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    expected = make_grid(at_2.sample(4, [80.0], weights="ema", seed=0), nrow=2, normalize=True, value_range=(-1, 1))
+    written = read_image(str(tmp_path / "samples" / "step0000002_sigmas_80.png")).float() / 255
+    assert written.shape == expected.shape
+    assert (written - expected).abs().max() <= 1 / 255 + 1e-6  # PNG rounding; without step 2's EMA update: off
 
 
 @pytest.mark.parametrize(
