@@ -21,7 +21,8 @@ class FinalCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         stops = trainer.should_stop and trainer.global_step >= (trainer.fit_loop.min_steps or 0)
-        if (stops or 0 <= trainer.max_steps <= trainer.global_step) and not self._should_skip_saving_checkpoint(trainer):
+        last_step = stops or 0 <= trainer.max_steps <= trainer.global_step
+        if last_step and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
