@@ -1,12 +1,17 @@
-"""Ctrl-C during ``fit`` finishes the step, saves ``last.ckpt`` and stops; a second Ctrl-C aborts at once."""
+"""Ctrl-C during ``fit`` finishes the step, saves ``last.ckpt`` and stops; a second Ctrl-C aborts at once.
+SLURM's requeue signal (SIGUSR1) does the same, then requeues the job."""
 
+import os
 import signal
+import subprocess
 import threading
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.checkpoint import FinalCheckpoint
+
+SIGNALS = (signal.SIGINT, signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else (signal.SIGINT,)  # no SIGUSR1 on Windows
 
 
 class GracefulInterrupt(Callback):
@@ -18,21 +23,32 @@ class GracefulInterrupt(Callback):
     rank agrees to stop and sets ``trainer.should_stop``, and ``FinalCheckpoint`` (the CLI's
     ``--checkpoint``) writes ``last.ckpt`` at the end of that step, after the EMA update and inside the
     epoch, as a periodic checkpoint would be. ``--ckpt_path last`` resumes it exactly.
+
+    SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) stops the same way and then, under SLURM, requeues the job
+    (``scontrol requeue``, from global rank zero). This replaces Lightning's SLURM handler, which saves
+    ``hpc_ckpt_N.ckpt`` wherever in the step the signal lands, into the working directory, where
+    ``--ckpt_path last`` does not look: a requeued run went back to the last periodic checkpoint.
     """
 
     def __init__(self):
         self._interrupted = False
-        self._previous = None
+        self._requeue = False
+        self._previous = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._interrupted = False
+        self._interrupted = self._requeue = False
         checkpoint = trainer.checkpoint_callback
         if not (isinstance(checkpoint, FinalCheckpoint) and checkpoint.save_last):
             rank_zero_warn("GracefulInterrupt: without FinalCheckpoint(save_last=True) Ctrl-C stops without saving")
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum != signal.SIGINT:  # SLURM's warning before the time limit
+            self._interrupted = self._requeue = True
+            then = " and requeueing the job" if "SLURM_JOB_ID" in os.environ else ""
+            rank_zero_info(f"\nSIGUSR1: finishing this step, saving last.ckpt{then}")
+            return
         if self._interrupted:  # the second Ctrl-C: the user means it
             self._restore()
             raise KeyboardInterrupt
@@ -48,11 +64,30 @@ class GracefulInterrupt(Callback):
         if self._interrupted and trainer.checkpoint_callback is not None:
             rank_zero_info(f"stopped at step {trainer.global_step}: {trainer.checkpoint_callback.last_model_path};"
                            " resume with --ckpt_path last")
+        requeue = trainer.strategy.reduce_boolean_decision(self._requeue, all=False)
+        if requeue and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
+            _requeue_slurm_job()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
 
     def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _requeue_slurm_job() -> None:
+    """Put this SLURM job (or array task) back in the queue; SLURM then ends the running one."""
+    job = os.environ["SLURM_JOB_ID"]
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        error = result.stderr.strip() if result.returncode else None
+    except OSError as err:
+        error = str(err)
+    if error is None:
+        rank_zero_info(f"requeued SLURM job {job}")
+    else:
+        rank_zero_warn(f"scontrol requeue {job} failed ({error}); submit the job again with --ckpt_path last")

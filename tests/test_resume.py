@@ -103,19 +103,36 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(fake_mnist, t
     assert not list(folder.glob("last-v*.ckpt"))
 
 
+def slurm_env(tmp_path: Path) -> dict[str, str]:
+    """What ``srun`` sets for one task of job 42, and an ``scontrol`` on PATH that logs its arguments."""
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "cm", "SLURM_JOB_ID": "42", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}
+    return {**os.environ, **slurm, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
 @pytest.mark.slow
-def test_ctrl_c_saves_last_checkpoint_and_the_run_resumes(fake_mnist, tmp_path):
-    args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, "--checkpoint.every_n_train_steps=1000")]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "slurm-requeue"])
+def test_stop_signal_saves_last_checkpoint_and_the_run_resumes_exactly(fake_mnist, tmp_path, signum):
+    env = slurm_env(tmp_path) if signum == signal.SIGUSR1 else None
+    args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, "--checkpoint.every_n_train_steps=1000",
+                                                   f"--trainer.default_root_dir={tmp_path}")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "lightning_logs" / "version_0"
     deadline = time.time() + 240
     while not (run / "hparams.yaml").exists() and time.time() < deadline:  # written as training starts
         time.sleep(0.2)
     time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]  # a clean stop, before the first periodic checkpoint
-    assert "Ctrl-C: finishing this step" in out
+    assert ("Ctrl-C" if signum == signal.SIGINT else "SIGUSR1") + ": finishing this step" in out
+    if signum == signal.SIGUSR1:
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+        assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))  # not Lightning's mid-step save, which "last" ignores
     stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < stopped < 400
     main(resume_args(fake_mnist, tmp_path, stopped + 3, "--ckpt_path=last"))
