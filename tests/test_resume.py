@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main
@@ -142,6 +143,31 @@ def test_stop_signal_saves_last_checkpoint_and_the_run_resumes_exactly(fake_mnis
     main(resume_args(fake_mnist, tmp_path / "straight", stopped + 3, "--checkpoint.every_n_train_steps=1000"))
     straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert max_weight_difference(straight, run / "checkpoints" / "last.ckpt") == 0.0
+
+
+class SigintAtBatch(Callback):
+    """Presses Ctrl-C as batch ``batch`` of the first epoch starts (given to the CLI as a callback)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.current_epoch == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_gradient_accumulation_stops_after_the_optimizer_step(fake_mnist, tmp_path):
+    accumulate = ["--trainer.accumulate_grad_batches=2", "--checkpoint.every_n_train_steps=1000"]
+    # batch 4 is the first half of step 3: stopping after it would lose it on resume
+    main(resume_args(fake_mnist, tmp_path, 400, *accumulate, "--trainer.callbacks+=tests.test_resume.SigintAtBatch",
+                     "--trainer.callbacks.batch=4"))
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    main(resume_args(fake_mnist, tmp_path, 2 * K, *accumulate, "--ckpt_path=last"))
+    main(resume_args(fake_mnist, tmp_path / "straight", 2 * K, *accumulate))
+    straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert max_weight_difference(straight, last) == 0.0
 
 
 @pytest.mark.slow
