@@ -33,12 +33,10 @@ class GracefulInterrupt(Callback):
     def __init__(self):
         self._interrupted = False
         self._requeue = False
-        self._step = 0
         self._previous = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._interrupted = self._requeue = False
-        self._step = trainer.global_step
         checkpoint = trainer.checkpoint_callback
         if not (isinstance(checkpoint, FinalCheckpoint) and checkpoint.save_last):
             rank_zero_warn("GracefulInterrupt: without FinalCheckpoint(save_last=True) Ctrl-C stops without saving")
@@ -58,9 +56,8 @@ class GracefulInterrupt(Callback):
         rank_zero_info("\nCtrl-C: finishing this step and saving last.ckpt (press Ctrl-C again to abort now)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
             return  # inside a gradient accumulation: stopping here would drop the micro-batches taken
-        self._step = trainer.global_step
         if trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
             trainer.should_stop = True  # FinalCheckpoint, the last callback, saves this step
 
