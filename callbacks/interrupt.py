@@ -6,12 +6,12 @@ import signal
 import subprocess
 import threading
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.checkpoint import FinalCheckpoint
 
-SIGNALS = (signal.SIGINT, signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else (signal.SIGINT,)  # no SIGUSR1 on Windows
 
 
 class GracefulInterrupt(Callback):
@@ -41,13 +41,14 @@ class GracefulInterrupt(Callback):
         if not (isinstance(checkpoint, FinalCheckpoint) and checkpoint.save_last):
             rank_zero_warn("GracefulInterrupt: without FinalCheckpoint(save_last=True) Ctrl-C stops without saving")
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+            signals = (signal.SIGINT, *_requeue_signal(trainer))
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame) -> None:
         if signum != signal.SIGINT:  # SLURM's warning before the time limit
             self._interrupted = self._requeue = True
             then = " and requeueing the job" if "SLURM_JOB_ID" in os.environ else ""
-            rank_zero_info(f"\nSIGUSR1: finishing this step, saving last.ckpt{then}")
+            rank_zero_info(f"\n{signal.Signals(signum).name}: finishing this step, saving last.ckpt{then}")
             return
         if self._interrupted:  # the second Ctrl-C: the user means it
             self._restore()
@@ -77,6 +78,14 @@ class GracefulInterrupt(Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _requeue_signal(trainer) -> tuple[int, ...]:
+    """SIGUSR1, or what ``SLURMEnvironment(requeue_signal=...)`` says; none if its ``auto_requeue`` is off."""
+    environment = trainer._accelerator_connector.cluster_environment  # what Lightning's own handler reads
+    if isinstance(environment, SLURMEnvironment):
+        return (environment.requeue_signal,) if environment.auto_requeue and environment.requeue_signal else ()
+    return (signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()  # no SIGUSR1 on Windows
 
 
 def _requeue_slurm_job() -> None:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Callback, Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from callbacks.interrupt import _requeue_signal
 from cli import main
 from tests.test_cli import tiny_args, trained_run  # noqa: F401 (fixture)
 
@@ -113,6 +115,18 @@ def slurm_env(tmp_path: Path) -> dict[str, str]:
     slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "cm", "SLURM_JOB_ID": "42", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}
     return {**os.environ, **slurm, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("environment, expected", [
+    (None, (signal.SIGUSR1,)), (SLURMEnvironment(), (signal.SIGUSR1,)),
+    (SLURMEnvironment(requeue_signal=signal.SIGHUP), (signal.SIGHUP,)), (SLURMEnvironment(auto_requeue=False), ()),
+])
+def test_requeue_signal_follows_lightnings_slurm_settings(environment, expected, monkeypatch, tmp_path):
+    for key, value in slurm_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, plugins=[environment] if environment else None)
+    assert isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)  # detected from srun's variables
+    assert _requeue_signal(trainer) == expected
 
 
 @pytest.mark.slow
