@@ -26,5 +26,5 @@ class FinalCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+        if not self._should_skip_saving_checkpoint(trainer):  # Lightning's rule: this step not saved yet, etc.
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -10,6 +10,9 @@ class EMAUpdate(Callback):
 
     The ConsistencyTrainingModule adds this callback itself (``configure_callbacks``), so training
     is correct without any wiring. The EMA weights live in the module, hence in every checkpoint.
+    Module callbacks run after the Trainer's, so another callback's ``on_train_batch_end`` still sees
+    the EMA of the previous step: read it when the next batch starts (SampleGrid) or in the last
+    callback (FinalCheckpoint, like every ModelCheckpoint).
     """
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -31,15 +31,32 @@ def resume_args(data_dir: Path, save_dir: Path, max_steps: int, *extra: str) -> 
     ]
 
 
+def run_dir(save_dir: Path) -> Path:
+    return save_dir / "lightning_logs" / "version_0"
+
+
+def straight_run(data_dir: Path, save_dir: Path, steps: int, *extra: str) -> Path:
+    """The ``last.ckpt`` of an uninterrupted run of ``steps`` steps, to compare a resumed run with."""
+    main(resume_args(data_dir, save_dir, steps, *extra))
+    return run_dir(save_dir) / "checkpoints" / "last.ckpt"
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    """Over online, target θ⁻ and every EMA network."""
+    sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
 def scalars(run: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars(tag)}
 
 
 @pytest.mark.slow
 def test_resumed_run_matches_the_straight_run(fake_mnist, tmp_path):
-    main(resume_args(fake_mnist, tmp_path / "straight", 2 * K))
+    straight_ckpt = straight_run(fake_mnist, tmp_path / "straight", 2 * K)
     main(resume_args(fake_mnist, tmp_path / "split", K))
-    first = tmp_path / "split" / "lightning_logs" / "version_0"
+    first = run_dir(tmp_path / "split")
     done = subprocess.run(  # a new process, as after a crash or a requeue
         [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path / "split", 2 * K), "--ckpt_path=last"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -47,30 +64,22 @@ def test_resumed_run_matches_the_straight_run(fake_mnist, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "split" / "lightning_logs" / "version_1").exists()  # "last" continued version_0
 
-    straight = torch.load(tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
-    resumed = torch.load(first / "checkpoints" / "last.ckpt")
+    straight, resumed = torch.load(straight_ckpt), torch.load(first / "checkpoints" / "last.ckpt")
     assert straight["global_step"] == resumed["global_step"] == 2 * K
-    worst = max((straight["state_dict"][k] - resumed["state_dict"][k]).abs().max().item() for k in straight["state_dict"])
-    assert worst <= 1e-6  # online, target θ⁻ and both EMAs
+    assert max_weight_difference(straight_ckpt, first / "checkpoints" / "last.ckpt") <= 1e-6
     for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert straight["lr_schedulers"] == resumed["lr_schedulers"]
     for tag in ("train/num_scales", "train/target_ema", "train/loss", "lr-Adam"):
-        expected, got = scalars(tmp_path / "straight" / "lightning_logs" / "version_0", tag), scalars(first, tag)
+        expected, got = scalars(run_dir(tmp_path / "straight"), tag), scalars(first, tag)
         assert sorted(got) == list(range(2 * K))
         assert got == pytest.approx(expected, rel=1e-5), tag
-
-
-def max_weight_difference(a: Path, b: Path) -> float:
-    sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
-    assert sa.keys() == sb.keys()
-    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
 
 
 @pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(fake_mnist, tmp_path):
     main(resume_args(fake_mnist, tmp_path / "split", K + 2))  # periodic saves every K steps: one at K, none at the end
-    folder = tmp_path / "split" / "lightning_logs" / "version_0" / "checkpoints"
+    folder = run_dir(tmp_path / "split") / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.ckpt")) == [f"epoch=0-step={K}.ckpt", "last.ckpt"]
     periodic = torch.load(folder / f"epoch=0-step={K}.ckpt", weights_only=True)
     last = torch.load(folder / "last.ckpt", weights_only=True)
@@ -79,9 +88,7 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(fake_mnist,
 
     # saved inside the epoch, after the EMA update: going on from it is the same as never stopping
     main(resume_args(fake_mnist, tmp_path / "split", 2 * K, "--ckpt_path=last"))
-    main(resume_args(fake_mnist, tmp_path / "straight", 2 * K))
-    straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert max_weight_difference(straight, folder / "last.ckpt") == 0.0
+    assert max_weight_difference(straight_run(fake_mnist, tmp_path / "straight", 2 * K), folder / "last.ckpt") == 0.0
 
 
 @pytest.mark.slow
@@ -89,7 +96,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(fake_mnist, t
     every = "--checkpoint.every_n_train_steps=2"
     args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, every)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder = run_dir(tmp_path) / "checkpoints"
     deadline = time.time() + 240
     while not list(folder.glob("epoch=*-step=*.ckpt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -136,7 +143,7 @@ def test_stop_signal_saves_last_checkpoint_and_the_run_resumes_exactly(fake_mnis
     args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, "--checkpoint.every_n_train_steps=1000",
                                                    f"--trainer.default_root_dir={tmp_path}")]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = tmp_path / "lightning_logs" / "version_0"
+    run = run_dir(tmp_path)
     deadline = time.time() + 240
     while not (run / "hparams.yaml").exists() and time.time() < deadline:  # written as training starts
         time.sleep(0.2)
@@ -154,8 +161,7 @@ def test_stop_signal_saves_last_checkpoint_and_the_run_resumes_exactly(fake_mnis
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped + 3
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # one last.ckpt, not a second beside it
     # saved after the EMA update, inside the epoch: the same weights as a run that was never interrupted
-    main(resume_args(fake_mnist, tmp_path / "straight", stopped + 3, "--checkpoint.every_n_train_steps=1000"))
-    straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    straight = straight_run(fake_mnist, tmp_path / "straight", stopped + 3, "--checkpoint.every_n_train_steps=1000")
     assert max_weight_difference(straight, run / "checkpoints" / "last.ckpt") == 0.0
 
 
@@ -176,12 +182,10 @@ def test_ctrl_c_inside_gradient_accumulation_stops_after_the_optimizer_step(fake
     # batch 4 is the first half of step 3: stopping after it would lose it on resume
     main(resume_args(fake_mnist, tmp_path, 400, *accumulate, "--trainer.callbacks+=tests.test_resume.SigintAtBatch",
                      "--trainer.callbacks.batch=4"))
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3
     main(resume_args(fake_mnist, tmp_path, 2 * K, *accumulate, "--ckpt_path=last"))
-    main(resume_args(fake_mnist, tmp_path / "straight", 2 * K, *accumulate))
-    straight = tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert max_weight_difference(straight, last) == 0.0
+    assert max_weight_difference(straight_run(fake_mnist, tmp_path / "straight", 2 * K, *accumulate), last) == 0.0
 
 
 @pytest.mark.slow
