@@ -1,13 +1,15 @@
 """The ``cm-lightning`` command: LightningCLI over ConsistencyTrainingModule and any image DataModule.
 
-    cm-lightning fit --config configs/mnist_quickstart.yaml --data.data_dir ../shared/data
-    cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path <file> --writer.output_dir samples
+    cm-lightning fit --config configs/mnist_quickstart.yaml
+    cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path last --writer.output_dir samples
 """
 
+import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
 from cm_lightning import ConsistencyTrainingModule
@@ -30,8 +32,19 @@ class LRMonitor(LearningRateMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
+class SaveFitConfig(SaveConfigCallback):
+    """Lightning's config saver, for ``fit`` only: ``test``/``predict`` leave no ``config.yaml`` behind."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
+# The run folder's default root; the logger's save_dir follows --trainer.default_root_dir while it is this.
+RUNS = "runs"
+
 # Settings that say how to use a trained network, not what it is: the user's value beats the checkpoint's.
-EVALUATION_ARGS = ("eval_weights", "predict_sigmas", "predict_seed", "val_num_scales")
+EVALUATION_ARGS = ("eval_weights", "predict_sigmas", "predict_seed", "clip_denoised", "val_num_scales")
 
 
 class ConsistencyCLI(LightningCLI):
@@ -56,29 +69,69 @@ class ConsistencyCLI(LightningCLI):
             self.config[self.config.subcommand].model[key] = value
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit" and self.config.fit.ckpt_path == "last":
-            self._resume_latest_run()
+        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        logger = _tensorboard(cfg.trainer.logger)
+        if logger is not None and logger.init_args.save_dir == RUNS and cfg.trainer.default_root_dir:
+            logger.init_args.save_dir = cfg.trainer.default_root_dir  # runs go where the user said
+        if cfg.get("ckpt_path") == "last" and not (self.subcommand == "fit" and cfg.checkpoint.dirpath):
+            self._use_latest_run(cfg, logger)  # (a fixed checkpoint folder: Lightning finds last.ckpt itself)
 
-    def _resume_latest_run(self) -> None:
-        """``--ckpt_path last``: continue the newest run's ``last.ckpt``, logging into the same version folder.
+    def _use_latest_run(self, cfg, logger) -> None:
+        """``--ckpt_path last``: the newest run's ``last.ckpt``; ``fit`` goes on logging into that run's folder.
 
-        Lightning looks for "last" only in the new run's own (empty) checkpoint folder and so would start
-        from scratch; a requeued job that always passes ``--ckpt_path last`` must pick up where it stopped.
+        Lightning looks for "last" only in the new run's own (empty) checkpoint folder, so ``fit`` would
+        start from scratch and ``test``/``predict`` would fail; a requeued job that always passes
+        ``--ckpt_path last`` must pick up where it stopped.
         """
-        cfg = self.config.fit
-        logger = cfg.trainer.logger
-        if cfg.checkpoint.dirpath or not hasattr(logger, "init_args") or "TensorBoardLogger" not in logger.class_path:
-            return  # a fixed checkpoint folder: Lightning finds last.ckpt there itself
-        root = Path(logger.init_args.save_dir) / (logger.init_args.name or "lightning_logs")
+        if logger is not None:
+            root = Path(logger.init_args.save_dir) / (logger.init_args.name or "lightning_logs")
+        else:  # no logger in this command: look where a logged fit writes its runs
+            root = Path(cfg.trainer.default_root_dir or RUNS) / "lightning_logs"
         runs = {int(p.parts[-3].removeprefix("version_")): p for p in root.glob("version_*/checkpoints/last.ckpt")
                 if p.parts[-3].removeprefix("version_").isdigit()}
-        if runs:
-            version = max(runs)
-            cfg.ckpt_path = str(runs[version])
+        if not runs:
+            if self.subcommand == "fit":
+                return  # the first launch of a requeued job: Lightning starts from scratch
+            raise FileNotFoundError(
+                f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt. Train one first, pass "
+                "--trainer.default_root_dir <the fit's root>, or give the file: --ckpt_path <path>.ckpt"
+            )
+        version = max(runs)
+        cfg.ckpt_path = str(runs[version])
+        print(f"--ckpt_path last: {cfg.ckpt_path}")
+        if self.subcommand == "fit":
             logger.init_args.version = version
             # The same run goes on: overwrite its last.ckpt rather than start a last-v1.ckpt beside it,
             # which the next `--ckpt_path last` would not pick.
             cfg.checkpoint.enable_version_counter = False
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a launch that fails before its first optimizer step leaves no new, empty run folder."""
+        log_dir = next((Path(lg.log_dir) for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        created = [p for p in (log_dir, *log_dir.parents) if not p.exists()] if log_dir is not None else []
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # Lightning has closed the logger by now; a folder with any checkpoint is never removed.
+            if created and self.trainer.is_global_zero and self.trainer.global_step == 0 and log_dir.is_dir():
+                if not any(log_dir.rglob("*.ckpt")):
+                    shutil.rmtree(log_dir)
+                    for folder in created[1:]:  # runs/lightning_logs, if this launch made them
+                        if folder.is_dir() and not any(folder.iterdir()):
+                            folder.rmdir()
+            raise
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            last = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
+            print(f"Run folder: {self.trainer.log_dir}\nLast checkpoint: {last or '(none written)'}")
+
+
+def _tensorboard(logger):
+    """The logger's config when it is a TensorBoardLogger given as class_path/init_args, else None."""
+    if hasattr(logger, "init_args") and logger.class_path.endswith("TensorBoardLogger"):
+        return logger
+    return None
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI:
@@ -87,8 +140,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI
         ConsistencyTrainingModule,
         ImageDataModule,
         subclass_mode_data=True,
+        save_config_callback=SaveFitConfig,
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+            "default_root_dir": RUNS,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS}},
             "callbacks": [LRMonitor(logging_interval="step"), GracefulInterrupt()],
             "plugins": {"class_path": "cm_lightning.checkpoint_io.AtomicCheckpointIO"},
         },

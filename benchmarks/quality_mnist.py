@@ -66,7 +66,7 @@ class TimedCheckpoints(Callback):
 def cli_args(data_dir: str, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / "mnist_quickstart.yaml"), f"--data.data_dir={data_dir}",
-        f"--trainer.max_steps={steps}", f"--model.lr_scheduler.init_args.T_max={steps}",
+        f"--trainer.max_steps={steps}",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={run_dir}", *extra,
     ]

@@ -18,6 +18,8 @@ class FinalCheckpoint(ModelCheckpoint):
     epoch, so ``--ckpt_path last`` resumes exactly. A run that ends with its epoch is saved at the end.
     """
 
+    _restoring = True  # set per restore by on_load_checkpoint
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         stops = trainer.should_stop and trainer.global_step >= (trainer.fit_loop.min_steps or 0)
@@ -28,3 +30,12 @@ class FinalCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # Lightning's rule: this step not saved yet, etc.
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._restoring = trainer.state.fn == "fit"
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the bookkeeping in ``fit`` only: ``test``/``predict`` save nothing, so they need none
+        (and Lightning would warn that their fresh run folder differs from the checkpoint's)."""
+        if self._restoring:
+            super().load_state_dict(state_dict)

@@ -77,6 +77,10 @@ class SampleWriter(BasePredictionWriter):
                 (self.folder / f".part{r}.pt").unlink()
         trainer.strategy.barrier()
 
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(f"Samples written to {self.folder} ({', '.join(self.formats)})")
+
 
 def to_uint8(x: Tensor) -> Tensor:
     """[-1, 1] floats to uint8 pixels, rounding to the nearest level (as torchvision's ``save_image``)."""

@@ -57,17 +57,23 @@ def indexed_noise(seed: int, indices: Sequence[int], num_draws: int, shape: Sequ
 
 
 @torch.no_grad()
-def multistep_sample(f: nn.Module, noise: Tensor, sigmas: Sequence[float], sigma_min: float = SIGMA_MIN) -> Tensor:
+def multistep_sample(
+    f: nn.Module, noise: Tensor, sigmas: Sequence[float], sigma_min: float = SIGMA_MIN, clip_denoised: bool = True
+) -> Tensor:
     """Multistep consistency sampling (CM paper, Algorithm 1); one step when ``len(sigmas) == 1``.
 
     x ← σ_1 z_1, x ← f(x, σ_1); then for each further τ_j: x ← x + √(τ_j² − σ_min²) z_j, x ← f(x, τ_j).
-    ``noise`` holds z_1, z_2, … stacked: shape (len(sigmas), B, C, H, W).
+    ``noise`` holds z_1, z_2, … stacked: shape (len(sigmas), B, C, H, W). ``clip_denoised`` clamps every
+    step's f output to [-1, 1] before the next noise is added, as the official code and diffusers do;
+    the returned images are clamped either way, so one-step results do not depend on it.
     """
     if len(noise) != len(sigmas):
         raise ValueError(f"noise holds {len(noise)} draws but the schedule {list(sigmas)} needs {len(sigmas)}")
     ones = noise.new_ones(noise.shape[1])
     x = f(sigmas[0] * noise[0], sigmas[0] * ones)
     for tau, z in zip(sigmas[1:], noise[1:]):
+        if clip_denoised:
+            x = x.clamp(-1, 1)
         x = x + (tau**2 - sigma_min**2) ** 0.5 * z
         x = f(x, tau * ones)
     return x.clamp(-1, 1)

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback, LightningModule, seed_everything
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -20,6 +21,7 @@ from cm_lightning.consistency import ConsistencyFunction, indexed_noise, multist
 from cm_lightning.ema import validate_decays
 from cm_lightning.karras import karras_sigmas, validate_sigma_range
 from cm_lightning.losses import METRICS
+from cm_lightning.lr_schedules import CosineDecay
 from cm_lightning.recipes import DEFAULTS, make_recipe
 from cm_lightning.unet import UNet
 
@@ -58,6 +60,7 @@ class ConsistencyTrainingModule(LightningModule):
         eval_weights: str = "ema",
         predict_sigmas: list[float] = [80.0],
         predict_seed: int = 0,
+        clip_denoised: bool = True,
         compile: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable | None = None,
@@ -73,7 +76,9 @@ class ConsistencyTrainingModule(LightningModule):
             attn_resolutions: resolutions (pixels per side) that get self-attention.
             dropout: dropout rate in the residual blocks (iCT uses 0.3 on CIFAR-10).
             embedding_type: noise embedding of c_noise(σ): NCSN++ "fourier" or DDPM++ "positional".
-            recipe: "ct" (Song et al. 2023) or "ict" (Song & Dhariwal 2023); see DESIGN.md §2.
+            recipe: "ct" (Song et al. 2023: N(k) from s0 = 2 to s1 = 150, target EMA μ(k), squared L2) or
+                "ict" (Song & Dhariwal 2023: N(k) doubling from 10 to 1280, no target EMA, pseudo-Huber,
+                log-normal σ sampling, λ(σ_n) = 1/(σ_n+1 − σ_n)).
             loss: distance d; None takes the recipe's ("l2" for ct, "pseudo_huber" for ict).
             s0: initial discretisation steps; None takes the recipe's (ct 2, ict 10).
             s1: final discretisation steps; None takes the recipe's (ct 150, ict 1280).
@@ -91,12 +96,15 @@ class ConsistencyTrainingModule(LightningModule):
             eval_weights: weights for validation and sampling: "online", "ema" (the first decay) or "ema_<decay>".
             predict_sigmas: sampling schedule of ``cm-lightning predict``: [80.0] one step, [80.0, 0.8] two.
             predict_seed: noise seed of ``predict``; image i depends on (seed, i) only.
+            clip_denoised: in multistep sampling (``sample``, grids, FID, ``predict``), clamp each step's
+                output to [-1, 1] before adding the next noise, as the official code and diffusers do.
             compile: compile the networks with ``torch.compile`` for training and sampling (weights and
                 checkpoints unchanged); the first steps are slow while it compiles.
             on_nonfinite: a non-finite training loss "stop"s the run (weights and checkpoints untouched) or
                 "skip"s that step, counted in ``train/skipped_steps``.
             optimizer: optimizer factory; None is Adam(lr=1e-4), the iCT setting.
-            lr_scheduler: optional LR schedule factory, stepped every optimizer step.
+            lr_scheduler: optional LR schedule factory, stepped every optimizer step;
+                ``cm_lightning.lr_schedules.CosineDecay`` without ``total_steps`` lasts as long as the run.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -141,8 +149,20 @@ class ConsistencyTrainingModule(LightningModule):
             )
         return names[weights]
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["run_seed"] = self._seed
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, by name, a checkpoint of another network shape (before PyTorch's list of tensor sizes)."""
+        """Refuse, by name, a checkpoint of another network shape (before PyTorch's list of tensor sizes);
+        a resumed ``fit`` goes on with the run's own seed, whatever seed the relaunch was given."""
+        self._check_network_shape(checkpoint)
+        seed = checkpoint.get("run_seed")
+        if seed is not None and self._trainer is not None and self.trainer.state.fn == "fit" and seed != self._seed:
+            rank_zero_info(f"Resuming with the run's seed {seed} (this launch was given {self._seed}).")
+            seed_everything(seed, verbose=False)  # the data order reads it too (PL_GLOBAL_SEED)
+            self._seed = seed
+
+    def _check_network_shape(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {})
         differ = [k for k in NETWORK_SHAPE if k in saved and saved[k] != self.hparams[k]]
         if "recipe" in saved and (saved["recipe"] == "ct") != (self.hparams.recipe == "ct"):
@@ -184,12 +204,17 @@ class ConsistencyTrainingModule(LightningModule):
         for name in ("image_size", "channels"):
             if dm is not None and getattr(dm, name, self.hparams[name]) != self.hparams[name]:
                 raise ValueError(f"the data has {name}={getattr(dm, name)} but the model has {name}={self.hparams[name]}")
-        self._seed = torch.initial_seed()  # seed_everything's seed: the same on every rank and on resume
+        self._seed = torch.initial_seed()  # seed_everything's seed; a resumed run takes the checkpoint's
         if stage == "fit" and self.hparams.total_steps is None:
-            steps = self.trainer.estimated_stepping_batches
-            if steps == float("inf"):
-                raise ValueError("total_steps is unset and the Trainer has no end: set --trainer.max_steps or --model.total_steps")
-            self._total_steps = int(steps)
+            self._total_steps = self._trainer_steps()
+
+    def _trainer_steps(self) -> int:
+        """The Trainer's total optimizer steps (``max_steps``, or what ``max_epochs`` implies)."""
+        steps = self.trainer.estimated_stepping_batches
+        if steps == float("inf"):
+            raise ValueError("the Trainer has no end, so the curriculum and LR schedule have no length: "
+                             "set --trainer.max_steps (or --model.total_steps and the schedule's total_steps)")
+        return int(steps)
 
     def num_scales(self, k: int) -> int:
         """N(k) of the recipe at global step k (clamped to K)."""
@@ -287,6 +312,8 @@ class ConsistencyTrainingModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, CosineDecay) and scheduler.follows_run:
+            scheduler.total_steps = self._trainer_steps()
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -308,13 +335,15 @@ class ConsistencyTrainingModule(LightningModule):
         weights: str | None = None,
         seed: int | None = None,
         first_index: int = 0,
+        clip_denoised: bool | None = None,
     ) -> Tensor:
         """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W), with one step per σ in ``sigmas``.
 
         ``sigmas=(80.0,)`` is one-step generation; ``(80.0, 0.8)`` two steps (CM paper, Algorithm 1).
         Noise comes from ``generator`` (CPU or device), or, given ``seed``, per image: image
         ``first_index + j`` depends on (seed, index) alone, not on the batch it is drawn in.
-        ``weights`` names the network ("online", "ema", "ema_<decay>"); None takes ``eval_weights``.
+        ``weights`` names the network ("online", "ema", "ema_<decay>"); None takes ``eval_weights``;
+        ``clip_denoised`` (clamp between steps) None takes the module's setting.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -322,27 +351,34 @@ class ConsistencyTrainingModule(LightningModule):
             raise ValueError("give either generator= or seed=, not both")
         validate_sampling_sigmas(sigmas, self.hparams.sigma_min, self.hparams.sigma_max)
         if seed is not None:
-            return self.sample_indexed(range(first_index, first_index + num_samples), sigmas, seed, weights)
+            return self.sample_indexed(range(first_index, first_index + num_samples), sigmas, seed, weights, clip_denoised)
         device = generator.device if generator is not None else self.device
         noise = torch.randn(len(sigmas), num_samples, *self.image_shape, generator=generator, device=device)
-        return self.sample_from_noise(noise, sigmas, weights)
+        return self.sample_from_noise(noise, sigmas, weights, clip_denoised)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.hparams.channels, self.hparams.image_size, self.hparams.image_size
 
-    def sample_indexed(self, indices: Sequence[int], sigmas: Sequence[float], seed: int, weights: str | None = None) -> Tensor:
+    def sample_indexed(
+        self, indices: Sequence[int], sigmas: Sequence[float], seed: int, weights: str | None = None,
+        clip_denoised: bool | None = None,
+    ) -> Tensor:
         """Image ``indices[j]`` from the noise seeded by (seed, indices[j]): batch- and rank-free sampling."""
-        return self.sample_from_noise(indexed_noise(seed, indices, len(sigmas), self.image_shape), sigmas, weights)
+        noise = indexed_noise(seed, indices, len(sigmas), self.image_shape)
+        return self.sample_from_noise(noise, sigmas, weights, clip_denoised)
 
     @torch.no_grad()
-    def sample_from_noise(self, noise: Tensor, sigmas: Sequence[float], weights: str | None = None) -> Tensor:
+    def sample_from_noise(
+        self, noise: Tensor, sigmas: Sequence[float], weights: str | None = None, clip_denoised: bool | None = None
+    ) -> Tensor:
         """Images from given noise (len(sigmas), B, C, H, W): the sampler behind ``sample`` and ``predict``."""
         f = self.network(weights or self.hparams.eval_weights)
+        clip = self.hparams.clip_denoised if clip_denoised is None else clip_denoised
         was_training = f.training
         f.eval()
         try:
-            return multistep_sample(f, noise.to(self.device), sigmas, self.hparams.sigma_min)
+            return multistep_sample(f, noise.to(self.device), sigmas, self.hparams.sigma_min, clip)
         finally:
             f.train(was_training)
 

@@ -12,14 +12,35 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, random_split
 
 
+def missing_files(folder: Path, files: list[str]) -> list[str]:
+    return [f for f in files if not (folder / f).is_file()]
+
+
 def require_files(name: str, folder: Path, files: list[str]) -> None:
     """Refuse early, naming the folder and the missing files, when a dataset is not on disk."""
-    missing = [f for f in files if not (folder / f).is_file()]
+    missing = missing_files(folder, files)
     if missing:
         raise FileNotFoundError(
             f"{name} is not in {folder}: missing {', '.join(missing)}. Pass --data.download true to fetch it "
             "(needs internet), or --data.data_dir <folder that holds it in torchvision's layout>."
         )
+
+
+def fetch_if_missing(name: str, folder: Path, files: list[str], fetch: Callable[[], object]) -> None:
+    """``fetch()`` the dataset when files are missing (nothing happens when all are there); a failed
+    fetch (offline, say) is reported by folder, files and the way out rather than by a network traceback."""
+    missing = missing_files(folder, files)
+    if not missing:
+        return
+    try:
+        fetch()
+    except (OSError, RuntimeError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise FileNotFoundError(
+            f"{name} is not in {folder} (missing {', '.join(missing)}) and fetching it failed "
+            f"({type(err).__name__}: {reason[:300]}). Without internet, put the files there in torchvision's "
+            "layout, or pass --data.data_dir <folder that holds them>."
+        ) from None
 
 
 def read_or_explain(name: str, folder: Path, read: Callable):
@@ -29,7 +50,7 @@ def read_or_explain(name: str, folder: Path, read: Callable):
     except (RuntimeError, ValueError, OSError, EOFError, AssertionError, pickle.UnpicklingError) as err:
         raise ValueError(
             f"the {name} files in {folder} cannot be read ({type(err).__name__}: {err}). They may be truncated "
-            "or corrupt: delete them and fetch them again with --data.download true."
+            "or corrupt: delete them and run again to fetch them afresh (--data.download true, the default)."
         ) from err
 
 

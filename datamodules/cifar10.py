@@ -7,7 +7,7 @@ from torch.utils.data import Subset
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from datamodules.base import ImageDataModule, UInt8Images, read_or_explain, require_files
+from datamodules.base import ImageDataModule, UInt8Images, fetch_if_missing, read_or_explain, require_files
 
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 
@@ -23,7 +23,7 @@ class CIFAR10DataModule(ImageDataModule):
         data_dir: str = "data",
         batch_size: int = 512,
         num_workers: int = 0,
-        download: bool = False,
+        download: bool = True,
         val_fraction: float = 0.02,
         random_flip: bool = True,
         predict_num_samples: int = 50000,
@@ -33,7 +33,8 @@ class CIFAR10DataModule(ImageDataModule):
             data_dir: folder holding ``cifar-10-batches-py`` (torchvision's layout).
             batch_size: images per batch on each device (the global batch is this × devices × nodes).
             num_workers: DataLoader worker processes; the images sit in memory, so 0 is usually fastest.
-            download: fetch the archive in ``prepare_data`` if it is missing (needs internet).
+            download: fetch the archive in ``prepare_data`` if files are missing (needs internet; a no-op
+                when they are there).
             val_fraction: share of the training set held out for validation.
             random_flip: random horizontal flips of training images (both papers use them).
             predict_num_samples: images that ``cm-lightning predict`` generates.
@@ -41,13 +42,16 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(data_dir, batch_size, num_workers, download, val_fraction, predict_num_samples)
         self.random_flip = random_flip
 
+    @property
+    def folder(self) -> Path:
+        return Path(self.data_dir) / "cifar-10-batches-py"
+
     def prepare_data(self) -> None:
-        if self.download:
-            CIFAR10(self.data_dir, train=True, download=True)
-            CIFAR10(self.data_dir, train=False, download=True)
+        if self.download:  # one archive holds both splits
+            fetch_if_missing("CIFAR-10", self.folder, FILES, lambda: CIFAR10(self.data_dir, train=True, download=True))
 
     def _images(self, train: bool) -> torch.Tensor:
-        folder = Path(self.data_dir) / "cifar-10-batches-py"
+        folder = self.folder
         require_files("CIFAR-10", folder, FILES)
         data = read_or_explain("CIFAR-10", folder, lambda: CIFAR10(self.data_dir, train=train, download=False).data)
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()

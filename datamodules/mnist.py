@@ -5,7 +5,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
-from datamodules.base import ImageDataModule, UInt8Images, read_or_explain, require_files
+from datamodules.base import ImageDataModule, UInt8Images, fetch_if_missing, read_or_explain, require_files
 
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -21,7 +21,7 @@ class MNISTDataModule(ImageDataModule):
         data_dir: str = "data",
         batch_size: int = 128,
         num_workers: int = 0,
-        download: bool = False,
+        download: bool = True,
         val_fraction: float = 1 / 60,
         predict_num_samples: int = 10000,
     ):
@@ -30,19 +30,23 @@ class MNISTDataModule(ImageDataModule):
             data_dir: folder holding ``MNIST/raw`` (torchvision's layout); ``../shared/data`` offline.
             batch_size: images per batch on each device (the global batch is this × devices × nodes).
             num_workers: DataLoader worker processes; the images sit in memory, so 0 is usually fastest.
-            download: fetch the files in ``prepare_data`` if they are missing (needs internet).
+            download: fetch the files in ``prepare_data`` if they are missing (needs internet; a no-op when
+                they are there).
             val_fraction: share of the training set held out for validation.
             predict_num_samples: images that ``cm-lightning predict`` generates.
         """
         super().__init__(data_dir, batch_size, num_workers, download, val_fraction, predict_num_samples)
 
+    @property
+    def folder(self) -> Path:
+        return Path(self.data_dir) / "MNIST" / "raw"
+
     def prepare_data(self) -> None:
         if self.download:
-            MNIST(self.data_dir, train=True, download=True)
-            MNIST(self.data_dir, train=False, download=True)
+            fetch_if_missing("MNIST", self.folder, FILES, lambda: MNIST(self.data_dir, train=True, download=True))
 
     def _load(self, train: bool) -> UInt8Images:
-        folder = Path(self.data_dir) / "MNIST" / "raw"
+        folder = self.folder
         require_files("MNIST", folder, FILES)
         data = read_or_explain("MNIST", folder, lambda: MNIST(self.data_dir, train=train, download=False).data)
         return UInt8Images(F.pad(data, (2, 2, 2, 2))[:, None])  # (N, 1, 32, 32) uint8

@@ -1,24 +1,12 @@
-"""Fixtures: tiny fake datasets in torchvision's exact on-disk formats, and a tiny network config."""
+"""Fixtures: tiny fake datasets in torchvision's exact on-disk formats, and a tiny trained CLI run."""
 
-import gzip
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16])
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX file as torchvision's MNIST reads it: magic (0, 0, type 0x08=uint8, ndim), big-endian dims, data."""
-    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(payload)
-    with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
-        f.write(payload)
+from tests.helpers import fit_args, write_idx
 
 
 @pytest.fixture
@@ -47,10 +35,10 @@ def fake_cifar10(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def write_images(folder: Path, n: int, size: tuple[int, int], mode: str = "RGB") -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(str(folder)))
-    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-    for i in range(n):
-        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze(-1 if channels == 1 else ())
-        Image.fromarray(pixels, mode).save(folder / f"{i:03d}.png")
+@pytest.fixture
+def trained_run(fake_mnist, tmp_path) -> Path:
+    """The version folder of a 16-step CLI fit on fake MNIST."""
+    from cli import main
+
+    main(fit_args(fake_mnist, tmp_path / "runs"))
+    return tmp_path / "runs" / "lightning_logs" / "version_0"

@@ -12,30 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cli import build_cli, main
 from cm_lightning import ConsistencyTrainingModule
 from cm_lightning.recipes import ict_num_scales
-
-MAX_STEPS = 16
-
-
-def tiny_args(data_dir: Path) -> list[str]:
-    return [
-        "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8",
-        "--model.model_channels=8", "--model.channel_mult=[1, 2]", "--model.num_res_blocks=1",
-        "--model.attn_resolutions=[16]", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
-    ]
-
-
-def fit_args(data_dir: Path, save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "fit", *tiny_args(data_dir), f"--trainer.max_steps={MAX_STEPS}", "--trainer.log_every_n_steps=1",
-        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
-    ]
-
-
-@pytest.fixture
-def trained_run(fake_mnist, tmp_path) -> Path:
-    main(fit_args(fake_mnist, tmp_path / "runs"))
-    return tmp_path / "runs" / "lightning_logs" / "version_0"
-
+from tests.helpers import MAX_STEPS, fit_args, tiny_args
 
 @pytest.mark.slow
 def test_fit_writes_checkpoint_and_scalars_following_the_ict_curriculum(trained_run):

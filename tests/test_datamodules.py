@@ -5,7 +5,7 @@ import torch
 import torchvision.datasets.cifar
 
 from datamodules import CIFAR10DataModule, ImageFolderDataModule, MNISTDataModule
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 def first_batch(loader):

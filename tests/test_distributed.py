@@ -15,9 +15,7 @@ from callbacks import FID
 from cm_lightning import ConsistencyTrainingModule
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
-from tests.conftest import TINY_NET
-from tests.test_cli import tiny_args
-from tests.test_module import make_trainer
+from tests.helpers import TINY_NET, make_trainer, tiny_args
 
 K = 4
 

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyTrainingModule
 from cm_lightning.ema import ema_decay
-from tests.test_module import make_trainer, tiny
+from tests.helpers import make_trainer, tiny
 
 
 def test_ema_decay_warmup():

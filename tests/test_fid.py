@@ -6,8 +6,7 @@ import torch
 from callbacks.fid import FID
 from cm_lightning import ConsistencyTrainingModule
 from datamodules import MNISTDataModule
-from tests.conftest import TINY_NET
-from tests.test_module import make_trainer
+from tests.helpers import TINY_NET, make_trainer
 
 
 def digits(n: int, seed: int) -> torch.Tensor:

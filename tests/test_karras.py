@@ -8,7 +8,7 @@ import torch
 from cm_lightning.consistency import ConsistencyFunction
 from cm_lightning.karras import c_in, c_noise, c_out, c_skip, karras_sigmas, validate_sigma_range
 from cm_lightning.unet import UNet
-from tests.conftest import TINY_NET
+from tests.helpers import TINY_NET
 
 SIGMAS = [0.002, 0.0021, 0.01, 0.5, 1.0, 7.3, 80.0]
 

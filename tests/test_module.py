@@ -2,29 +2,13 @@
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyTrainingModule
 from cm_lightning.losses import pseudo_huber, squared_l2
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
-from tests.conftest import TINY_NET
-
-
-def tiny(**kwargs) -> ConsistencyTrainingModule:
-    return ConsistencyTrainingModule(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
-
-
-def randomise(module: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.3)
-
-
-def make_trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
-    return Trainer(**{**defaults, **kwargs})
+from tests.helpers import TINY_NET, make_trainer, randomise, tiny
 
 
 @pytest.mark.parametrize("recipe, metric", [("ict", pseudo_huber), ("ct", squared_l2)])
@@ -104,7 +88,7 @@ def test_total_steps_from_max_epochs(tmp_path):
 def test_unbounded_trainer_needs_total_steps(tmp_path):
     m = tiny()
     data = DataLoader(torch.rand(4, 1, 16, 16), batch_size=4)
-    with pytest.raises(ValueError, match="total_steps is unset and the Trainer has no end"):
+    with pytest.raises(ValueError, match="the Trainer has no end.*--trainer.max_steps"):
         make_trainer(tmp_path, max_epochs=-1, max_steps=-1).fit(m, data)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cm_lightning.unet import FourierEmbedding, PositionalEmbedding
-from tests.test_module import make_trainer, randomise, tiny
+from tests.helpers import make_trainer, randomise, tiny
 
 
 def loss_on_fixed_batch(m, autocast: bool) -> torch.Tensor:

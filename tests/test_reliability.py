@@ -8,8 +8,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyTrainingModule
-from tests.conftest import TINY_NET
-from tests.test_module import make_trainer
+from tests.helpers import TINY_NET, make_trainer
 
 
 class NaNAt(ConsistencyTrainingModule):
@@ -60,7 +59,7 @@ def test_on_nonfinite_names_the_accepted_values():
 
 
 def test_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
-    from tests.test_module import tiny
+    from tests.helpers import tiny
 
     trainer = make_trainer(tmp_path, max_steps=1, enable_checkpointing=True)
     trainer.fit(tiny(recipe="ct"), data())

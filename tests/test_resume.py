@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks.interrupt import _requeue_signal
 from cli import main
-from tests.test_cli import tiny_args, trained_run  # noqa: F401 (fixture)
+from tests.helpers import tiny_args
 
 K = 5  # mid-epoch: 118 training images, batch 8 → 14 batches per epoch
 ROOT = Path(__file__).parents[1]

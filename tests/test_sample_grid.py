@@ -11,7 +11,7 @@ from torchvision.utils import make_grid
 
 from callbacks import SampleGrid
 from cm_lightning import ConsistencyTrainingModule
-from tests.test_module import make_trainer, tiny
+from tests.helpers import make_trainer, tiny
 
 
 def fit_with_grid(tmp_path, lr: float, **grid_kwargs):

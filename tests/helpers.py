@@ -1,0 +1,64 @@
+"""Shared test helpers: tiny networks, Trainers and CLI arguments (tests never import each other)."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from lightning.pytorch import Trainer
+
+from cm_lightning import ConsistencyTrainingModule
+
+TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16])
+MAX_STEPS = 16  # of the CLI runs made by ``fit_args``
+
+
+def tiny(**kwargs) -> ConsistencyTrainingModule:
+    return ConsistencyTrainingModule(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
+
+
+def randomise(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+
+
+def make_trainer(tmp_path, **kwargs) -> Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    return Trainer(**{**defaults, **kwargs})
+
+
+def tiny_args(data_dir: Path) -> list[str]:
+    return [
+        "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8",
+        "--model.model_channels=8", "--model.channel_mult=[1, 2]", "--model.num_res_blocks=1",
+        "--model.attn_resolutions=[16]", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+    ]
+
+
+def fit_args(data_dir: Path, save_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit", *tiny_args(data_dir), f"--trainer.max_steps={MAX_STEPS}", "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
+    ]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX file as torchvision's MNIST reads it: magic (0, 0, type 0x08=uint8, ndim), big-endian dims, data."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(payload)
+    with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+        f.write(payload)
+
+
+def write_images(folder: Path, n: int, size: tuple[int, int], mode: str = "RGB") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze(-1 if channels == 1 else ())
+        Image.fromarray(pixels, mode).save(folder / f"{i:03d}.png")
