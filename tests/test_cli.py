@@ -111,3 +111,51 @@ def test_fit_without_a_logger_runs(fake_mnist, tmp_path):
     main(["fit", *tiny_args(fake_mnist), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
           "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_default_root_dir_holds_the_whole_run(fake_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    main(["fit", *tiny_args(fake_mnist), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+          f"--trainer.default_root_dir={root}"])
+    run = root / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert not (tmp_path / "runs").exists()
+    out = capsys.readouterr().out  # the fit's last lines say where the run went
+    assert f"Run folder: {run}\nLast checkpoint: {run / 'checkpoints' / 'last.ckpt'}" in out
+
+
+@pytest.mark.slow
+def test_a_launch_that_fails_before_training_leaves_no_run_folder(fake_mnist, tmp_path):
+    for _ in range(2):  # two mistakes in a row
+        with pytest.raises(FileNotFoundError, match="MNIST is not in"):
+            main(fit_args(tmp_path / "nowhere", tmp_path / "runs", "--data.download=false"))
+    assert not (tmp_path / "runs").exists()
+    main(fit_args(fake_mnist, tmp_path / "runs", "--trainer.max_steps=1"))
+    assert [p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir()] == ["version_0"]
+
+
+@pytest.mark.slow
+def test_test_and_predict_find_the_latest_run_and_leave_nothing_behind(trained_run, fake_mnist, tmp_path, monkeypatch,
+                                                                       capsys, recwarn):
+    monkeypatch.chdir(tmp_path / "runs")
+    (tmp_path / "runs" / "lightning_logs" / "version_1").mkdir()  # a test run's folder: no checkpoint in it
+    last = ["--ckpt_path=last", f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.logger=false"]
+    main(["test", *tiny_args(fake_mnist), *last])
+    main(["predict", *tiny_args(fake_mnist), *last, "--data.predict_num_samples=3", f"--writer.output_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert out.count(f"--ckpt_path last: {trained_run / 'checkpoints' / 'last.ckpt'}") == 2
+    assert "test/loss" in out and f"Samples written to {tmp_path / 'out'}" in out
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lightning_logs"]  # no config.yaml
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    with pytest.raises(FileNotFoundError, match=f"no run under {tmp_path / 'empty'}/lightning_logs has checkpoints/last.ckpt"):
+        main(["test", *tiny_args(fake_mnist), "--ckpt_path=last", f"--trainer.default_root_dir={tmp_path / 'empty'}"])
+
+
+def test_help_stands_on_its_own_and_names_the_data_options():
+    help_of = lambda *a: subprocess.run([sys.executable, "-m", "cli", *a], capture_output=True, text=True, check=True).stdout
+    assert "DESIGN" not in help_of("fit", "--help")
+    data = help_of("fit", "--data.help", "MNISTDataModule")
+    assert "--data.data_dir DATA_DIR" in data and "--data.batch_size BATCH_SIZE" in data

@@ -1,11 +1,17 @@
 """DataModules on fake files in torchvision's on-disk formats: shapes, [-1, 1] scaling, splits, errors."""
 
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
+import torchvision.datasets.mnist
 
 from datamodules import CIFAR10DataModule, ImageFolderDataModule, MNISTDataModule
-from tests.helpers import write_images
+from datamodules.mnist import FILES as MNIST_FILES
+from tests.helpers import write_idx, write_images
 
 
 def first_batch(loader):
@@ -127,3 +133,40 @@ def test_image_folder_without_images_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("no pictures here")
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolderDataModule(str(tmp_path)).setup("fit")
+
+
+def test_missing_mnist_is_fetched_by_default_and_present_files_are_left_alone(tmp_path, monkeypatch):
+    """The presets' plain command on a machine with internet: torchvision's download, with the network
+    replaced by a writer of fake files in the IDX format torchvision reads."""
+    fetched = []
+
+    def fake_download(url, download_root, filename, md5):
+        fetched.append(filename)
+        name = filename.removesuffix(".gz")
+        shape = (60 if name.startswith("train") else 10,) + ((28, 28) if "images" in name else ())
+        write_idx(Path(download_root) / name, np.random.default_rng(0).integers(0, 256, shape))
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fake_download)
+    dm = MNISTDataModule(str(tmp_path / "data"))
+    assert dm.download  # the default
+    dm.prepare_data()
+    assert sorted(fetched) == sorted(f + ".gz" for f in MNIST_FILES)
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == 60
+    dm.prepare_data()  # everything is there now: no second fetch
+    assert len(fetched) == 4
+
+
+@pytest.mark.parametrize("make, module, files", [
+    (MNISTDataModule, torchvision.datasets.mnist, "MNIST is not in {}/MNIST/raw \\(missing train-images-idx3-ubyte"),
+    (CIFAR10DataModule, torchvision.datasets.cifar, "CIFAR-10 is not in {}/cifar-10-batches-py \\(missing data_batch_1"),
+])
+def test_an_offline_fetch_names_the_folder_the_files_and_the_way_out(tmp_path, monkeypatch, make, module, files):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(module, "download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match=files.format(tmp_path) + r".*fetching it failed .*name resolution.*"
+                       r"Without internet, put the files there .* or pass --data.data_dir") as info:
+        make(str(tmp_path)).prepare_data()
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no network traceback attached

@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
-from cm_lightning import ConsistencyTrainingModule
+from cm_lightning import ConsistencyTrainingModule, multistep_sample
 from cm_lightning.losses import pseudo_huber, squared_l2
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from tests.helpers import TINY_NET, make_trainer, randomise, tiny
@@ -174,3 +174,40 @@ def test_seeded_sampling_is_per_image_and_independent_of_batching():
     assert torch.equal(indexed_noise(7, [5, 9], 2, (4,)), indexed_noise(7, range(10), 2, (4,))[:, [5, 9]])
     with pytest.raises(ValueError, match="either generator= or seed=, not both"):
         m.sample(2, generator=torch.Generator(), seed=0)
+
+
+class Overshoot(torch.nn.Module):
+    """f(x, σ) = 3 x / σ: a stand-in consistency function whose outputs leave [-1, 1]."""
+
+    def forward(self, x, sigma):
+        return 3 * x / sigma.reshape(-1, 1, 1, 1)
+
+
+def test_clip_denoised_clamps_between_steps_and_leaves_one_step_alone():
+    z = torch.randn(2, 4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    tau, sigma_min = 0.8, 0.002
+    x1 = 3 * z[0]  # f(80 z_1, 80)
+    by_hand = {clip: (3 * ((x1.clamp(-1, 1) if clip else x1) + (tau**2 - sigma_min**2) ** 0.5 * z[1]) / tau).clamp(-1, 1)
+               for clip in (True, False)}
+    for clip in (True, False):
+        got = multistep_sample(Overshoot(), z, [80.0, tau], sigma_min, clip_denoised=clip)
+        torch.testing.assert_close(got, by_hand[clip], rtol=0, atol=1e-6)
+        torch.testing.assert_close(multistep_sample(Overshoot(), z[:1], [80.0], sigma_min, clip_denoised=clip), x1.clamp(-1, 1))
+    assert not torch.equal(by_hand[True], by_hand[False])
+
+
+class Loud(torch.nn.Module):
+    """F = 4 x at σ = 80 (f ≈ 2 z, outside [-1, 1]) and 0.1 x at σ = 0.8 (inside): the clamp shows."""
+
+    def forward(self, x, noise):
+        return x * torch.where(noise > 0.5, 4.0, 0.1).reshape(-1, 1, 1, 1)
+
+
+def test_module_sampling_clamps_between_steps_by_default():
+    m = tiny()
+    m.online.net = Loud()
+    assert m.hparams.clip_denoised
+    sample = lambda sigmas, clip: m.sample(3, sigmas, weights="online", seed=1, clip_denoised=clip)
+    assert torch.equal(sample([80.0], None), sample([80.0], False))  # one step: unchanged
+    assert torch.equal(sample([80.0, 0.8], None), sample([80.0, 0.8], True))
+    assert not torch.equal(sample([80.0, 0.8], True), sample([80.0, 0.8], False))

@@ -92,6 +92,16 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(fake_mnist,
 
 
 @pytest.mark.slow
+def test_a_resumed_run_keeps_the_run_seed_whatever_seed_the_relaunch_gives(fake_mnist, tmp_path):
+    straight_ckpt = straight_run(fake_mnist, tmp_path / "straight", 2 * K, "--seed_everything=0")
+    main(resume_args(fake_mnist, tmp_path / "split", K, "--seed_everything=0"))
+    main(resume_args(fake_mnist, tmp_path / "split", 2 * K, "--seed_everything=123", "--ckpt_path=last"))
+    resumed = run_dir(tmp_path / "split") / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["run_seed"] == 0
+    assert max_weight_difference(straight_ckpt, resumed) == 0.0  # data order, noise and dropout as in one run
+
+
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(fake_mnist, tmp_path):
     every = "--checkpoint.every_n_train_steps=2"
     args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, every)]
