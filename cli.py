@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
 from cm_lightning import ConsistencyTrainingModule
+from cm_lightning.checkpoint_io import latest_checkpoint
 from datamodules import ImageDataModule
 
 
@@ -87,20 +88,18 @@ class ConsistencyCLI(LightningCLI):
             root = Path(logger.init_args.save_dir) / (logger.init_args.name or "lightning_logs")
         else:  # no logger in this command: look where a logged fit writes its runs
             root = Path(cfg.trainer.default_root_dir or RUNS) / "lightning_logs"
-        runs = {int(p.parts[-3].removeprefix("version_")): p for p in root.glob("version_*/checkpoints/last.ckpt")
-                if p.parts[-3].removeprefix("version_").isdigit()}
-        if not runs:
+        last = latest_checkpoint(root)
+        if last is None:
             if self.subcommand == "fit":
                 return  # the first launch of a requeued job: Lightning starts from scratch
             raise FileNotFoundError(
                 f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt. Train one first, pass "
                 "--trainer.default_root_dir <the fit's root>, or give the file: --ckpt_path <path>.ckpt"
             )
-        version = max(runs)
-        cfg.ckpt_path = str(runs[version])
+        cfg.ckpt_path = str(last)
         print(f"--ckpt_path last: {cfg.ckpt_path}")
         if self.subcommand == "fit":
-            logger.init_args.version = version
+            logger.init_args.version = int(last.parts[-3].removeprefix("version_"))
             # The same run goes on: overwrite its last.ckpt rather than start a last-v1.ckpt beside it,
             # which the next `--ckpt_path last` would not pick.
             cfg.checkpoint.enable_version_counter = False
@@ -122,9 +121,10 @@ class ConsistencyCLI(LightningCLI):
             raise
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero:  # (trainer.log_dir is a collective: ask rank zero's logger instead)
+            folder = self.trainer.logger.log_dir if self.trainer.logger else self.trainer.default_root_dir
             last = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
-            print(f"Run folder: {self.trainer.log_dir}\nLast checkpoint: {last or '(none written)'}")
+            print(f"Run folder: {folder}\nLast checkpoint: {last or '(none written)'}")
 
 
 def _tensorboard(logger):

@@ -24,6 +24,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
     os.replace(tmp, path)
 
 
+def latest_checkpoint(runs: str | Path = "runs/lightning_logs") -> Path | None:
+    """``last.ckpt`` of the newest run (highest ``version_N``) under ``runs`` that has one, else None.
+
+    ``--ckpt_path last`` on the command line resolves to this; failed launches and ``test`` runs leave
+    version folders without checkpoints, which are passed over.
+    """
+    found = {int(p.parts[-3].removeprefix("version_")): p for p in Path(runs).glob("version_*/checkpoints/last.ckpt")
+             if p.parts[-3].removeprefix("version_").isdigit()}
+    return found[max(found)] if found else None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint with ``atomic_write``: beside its final name, synced, then renamed.
 

@@ -113,6 +113,7 @@ def test_real_ddp_launch_through_the_cli(fake_mnist, tmp_path):
     done = subprocess.run(args, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert done.stdout.count(f"Run folder: {run}\n") == 1  # said once, by rank zero
     assert not (tmp_path / "runs" / "lightning_logs" / "version_1").exists()  # one run, not one per rank
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
