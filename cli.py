@@ -1,4 +1,5 @@
-"""The ``cm-lightning`` command: LightningCLI over ConsistencyTrainingModule and any image DataModule.
+"""The ``cm-lightning`` command: LightningCLI over every method (ConsistencyTrainingModule, DiffusionModule)
+and any image DataModule.
 
     cm-lightning fit --config configs/mnist_quickstart.yaml
     cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path last --writer.output_dir samples
@@ -7,13 +8,16 @@
 import shutil
 from pathlib import Path
 
+import torch
+
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
-from cm_lightning import ConsistencyTrainingModule
+from cm_lightning.base import GenerativeModule
 from cm_lightning.checkpoint_io import latest_checkpoint
+from cm_lightning.upgrade import is_legacy
 from datamodules import ImageDataModule
 
 
@@ -45,39 +49,47 @@ class SaveFitConfig(SaveConfigCallback):
 RUNS = "runs"
 
 # Settings that say how to use a trained network, not what it is: the user's value beats the checkpoint's.
-EVALUATION_ARGS = ("eval_weights", "predict_sigmas", "predict_seed", "clip_denoised", "val_num_scales")
+EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "clip_denoised", "val_num_scales", "val_num_sigmas")
 
 
 class ConsistencyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data decides the image geometry; the model is told, the user is not asked twice.
-        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
-        parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.net.init_args.image_size", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.init_args.net.init_args.channels", apply_on="instantiate")
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SampleWriter, "writer")  # acts in `predict` only
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning overwrites all ``model.*`` arguments with the checkpoint's hyper-parameters (Lightning PR
-        #21455 is open). The network must come from the file, but ``--model.predict_sigmas`` and the other
-        EVALUATION_ARGS must not be silently ignored: keep the user's values of those."""
-        model = self.config.get(self.config.get("subcommand") or "", {}).get("model")
-        if model is None:
+        """Before Lightning reads the checkpoint's hyper-parameters into the config: runs follow
+        ``--trainer.default_root_dir``, ``--ckpt_path last`` is resolved, and a 0.1 checkpoint is refused
+        with the command that converts it. Lightning then overwrites all ``model.*`` arguments with the
+        checkpoint's (Lightning PR #21455 is open): the network must come from the file, but
+        ``--model.predict_sampler`` and the other EVALUATION_ARGS must not be silently ignored."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
             return super()._parse_ckpt_path()
-        chosen = {k: model[k] for k in EVALUATION_ARGS}
-        super()._parse_ckpt_path()
-        for key, value in chosen.items():
-            self.config[self.config.subcommand].model[key] = value
-
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        cfg = self.config[subcommand]
         logger = _tensorboard(cfg.trainer.logger)
         if logger is not None and logger.init_args.save_dir == RUNS and cfg.trainer.default_root_dir:
             logger.init_args.save_dir = cfg.trainer.default_root_dir  # runs go where the user said
-        if cfg.get("ckpt_path") == "last" and not (self.subcommand == "fit" and cfg.checkpoint.dirpath):
-            self._use_latest_run(cfg, logger)  # (a fixed checkpoint folder: Lightning finds last.ckpt itself)
+        if cfg.get("ckpt_path") == "last" and not (subcommand == "fit" and cfg.checkpoint.dirpath):
+            self._use_latest_run(subcommand, cfg, logger)  # (a fixed checkpoint folder: Lightning finds last.ckpt itself)
+        if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
+            if is_legacy(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})):
+                raise ValueError(
+                    f"{cfg.ckpt_path} was written by cm-lightning 0.1, before the network became --model.net. "
+                    f"Convert it (the old file is kept): python -m cm_lightning.upgrade {cfg.ckpt_path} <new>.ckpt"
+                )
+        model = cfg.get("model")
+        init_args = model.get("init_args", {}) if model is not None else {}
+        chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in init_args}
+        super()._parse_ckpt_path()
+        for key, value in chosen.items():
+            self.config[subcommand].model.init_args[key] = value
 
-    def _use_latest_run(self, cfg, logger) -> None:
+    def _use_latest_run(self, subcommand: str, cfg, logger) -> None:
         """``--ckpt_path last``: the newest run's ``last.ckpt``; ``fit`` goes on logging into that run's folder.
 
         Lightning looks for "last" only in the new run's own (empty) checkpoint folder, so ``fit`` would
@@ -90,7 +102,7 @@ class ConsistencyCLI(LightningCLI):
             root = Path(cfg.trainer.default_root_dir or RUNS) / "lightning_logs"
         last = latest_checkpoint(root)
         if last is None:
-            if self.subcommand == "fit":
+            if subcommand == "fit":
                 return  # the first launch of a requeued job: Lightning starts from scratch
             raise FileNotFoundError(
                 f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt. Train one first, pass "
@@ -98,7 +110,7 @@ class ConsistencyCLI(LightningCLI):
             )
         cfg.ckpt_path = str(last)
         print(f"--ckpt_path last: {cfg.ckpt_path}")
-        if self.subcommand == "fit":
+        if subcommand == "fit":
             logger.init_args.version = int(last.parts[-3].removeprefix("version_"))
             # The same run goes on: overwrite its last.ckpt rather than start a last-v1.ckpt beside it,
             # which the next `--ckpt_path last` would not pick.
@@ -137,8 +149,9 @@ def _tensorboard(logger):
 def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI:
     """The CLI with the project's defaults; ``run=False`` parses and instantiates without a subcommand."""
     return ConsistencyCLI(
-        ConsistencyTrainingModule,
+        GenerativeModule,
         ImageDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveFitConfig,
         trainer_defaults={

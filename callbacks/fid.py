@@ -5,14 +5,16 @@ from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from cm_lightning.module import images_of
+from cm_lightning.base import images_of
+from cm_lightning.sampling import parse_sampler
 from cm_lightning.mnist_classifier import MNISTClassifier
 
 FEATURES = ("mnist", "inception")
 
 
 class FID(Callback):
-    """Logs ``val/fid_<k>step`` after every validation and ``test/fid_<k>step`` in ``test``.
+    """Logs ``val/fid_<name>`` after every validation and ``test/fid_<name>`` in ``test``, per sampler
+    (``fid_1step``, ``fid_2step`` for σ lists, ``fid_heun18`` for the ODE).
 
     Each rank generates its share of ``num_samples`` images, image i from noise seeded by (``seed``, i);
     torchmetrics syncs the feature statistics, so the FID uses ``num_samples`` images in total and does
@@ -24,7 +26,7 @@ class FID(Callback):
         self,
         num_samples: int = 10000,
         test_num_samples: int | None = None,
-        schedules: list[list[float]] = [[80.0], [80.0, 0.8]],
+        samplers: list[list[float] | str] | None = None,
         feature: str | nn.Module = "mnist",
         inception_weights: str | None = None,
         batch_size: int = 500,
@@ -35,7 +37,8 @@ class FID(Callback):
         Args:
             num_samples: generated images per schedule, over all ranks.
             test_num_samples: the same for ``test``; None uses ``num_samples``.
-            schedules: noise levels per evaluation: [80.0] is one step, [80.0, 0.8] two steps.
+            samplers: one FID each, logged as fid_<name>: a σ list ([80.0] is fid_1step, [80.0, 0.8] fid_2step)
+                or "heun<N>" / "euler<N>" (fid_heun18); None: the model's own (``eval_samplers``).
             feature: "mnist" (the shipped classifier; comparable only with itself), "inception" (2048-d pool3),
                 or any nn.Module mapping images in [-1, 1], (N, C, H, W), to features (N, d).
             inception_weights: local Inception weights file for offline machines (torchmetrics' format).
@@ -51,20 +54,22 @@ class FID(Callback):
             raise ValueError(f"feature must be one of {FEATURES} or an nn.Module, got {feature!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        steps = [len(s) for s in schedules]
-        if not steps or len(set(steps)) != len(steps):
-            raise ValueError(f"schedules must be non-empty with distinct lengths (logged as fid_<k>step), got {schedules}")
+        if samplers is not None:
+            names = [parse_sampler(s).name for s in samplers]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"samplers must be non-empty with distinct names (σ lists of distinct lengths), got {samplers}")
         self.num_samples, self.test_num_samples = num_samples, test_num_samples
-        self.schedules, self.feature = schedules, feature
+        self.samplers, self.feature = samplers, feature
         self.inception_weights, self.batch_size, self.seed, self.weights = inception_weights, batch_size, seed, weights
         self._metrics: dict[str, FrechetInceptionDistance] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        pl_module.check_sampling(self.schedules, self.weights)
-        if self.feature == "mnist" and pl_module.hparams.channels != 1:
-            raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={pl_module.hparams.channels}")
-        shape = (pl_module.hparams.channels, pl_module.hparams.image_size, pl_module.hparams.image_size)
-        self._metrics = {f"{len(s)}step": self._metric(shape) for s in self.schedules}
+        self.samplers = self.samplers or pl_module.eval_samplers
+        pl_module.check_sampling(self.samplers, self.weights)
+        shape = pl_module.image_shape
+        if self.feature == "mnist" and shape[0] != 1:
+            raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={shape[0]}")
+        self._metrics = {pl_module.sampler(s).name: self._metric(shape) for s in self.samplers}
 
     def _metric(self, image_shape: tuple[int, int, int] = (1, 32, 32)) -> FrechetInceptionDistance:
         if isinstance(self.feature, nn.Module):  # torchmetrics probes the feature size with one image
@@ -97,11 +102,11 @@ class FID(Callback):
                     m.update(x, real=True)
         per_rank = -(-num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
         first, last = trainer.global_rank * per_rank, min(num_samples, (trainer.global_rank + 1) * per_rank)
-        for (name, metric), sigmas in zip(self._metrics.items(), self.schedules):
+        for (name, metric), spec in zip(self._metrics.items(), self.samplers):
             metric.reset()  # fake statistics only
             for start in range(first, last, self.batch_size):
                 count = min(self.batch_size, last - start)
-                x = pl_module.sample(count, sigmas, weights=self.weights, seed=self.seed, first_index=start)
+                x = pl_module.sample(count, spec, weights=self.weights, seed=self.seed, first_index=start)
                 metric.update(self._prepare(x), real=False)
             pl_module.log(f"{prefix}/fid_{name}", metric.compute().float(), sync_dist=False, rank_zero_only=False)
 

@@ -11,7 +11,7 @@ from cm_lightning.checkpoint_io import atomic_write
 
 
 class SampleGrid(Callback):
-    """Every ``every_n_steps`` optimizer steps and at the end of training, one grid per sampling schedule.
+    """Every ``every_n_steps`` optimizer steps and at the end of training, one grid per sampler.
 
     Image i of every grid is drawn from the noise seeded by (``seed``, i), so grids are comparable
     across steps. Rank zero samples and writes; the other ranks go on (sampling needs no collective).
@@ -21,7 +21,7 @@ class SampleGrid(Callback):
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        schedules: list[list[float]] = [[80.0], [80.0, 0.8]],
+        samplers: list[list[float] | str] | None = None,
         seed: int = 0,
         weights: str | None = None,
     ):
@@ -29,7 +29,8 @@ class SampleGrid(Callback):
         Args:
             every_n_steps: optimizer steps between grids.
             num_samples: images per grid.
-            schedules: noise levels per grid: [80.0] is one step, [80.0, 0.8] two steps.
+            samplers: one grid each: a σ list ([80.0] one consistency step, [80.0, 0.8] two) or "heun<N>" /
+                "euler<N>"; None: the model's own (``eval_samplers``).
             seed: seed of the fixed noise.
             weights: "online", "ema" or "ema_<decay>"; None takes the module's ``eval_weights``.
         """
@@ -37,23 +38,23 @@ class SampleGrid(Callback):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not schedules:
-            raise ValueError("schedules must hold at least one list of noise levels, e.g. [[80.0]]")
-        self.every_n_steps, self.num_samples, self.schedules = every_n_steps, num_samples, schedules
+        if samplers is not None and not samplers:
+            raise ValueError("samplers must hold at least one sampler, e.g. [[80.0]] or ['heun18'], or be None")
+        self.every_n_steps, self.num_samples, self.samplers = every_n_steps, num_samples, samplers
         self.seed, self.weights = seed, weights
         self._last_written = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        pl_module.check_sampling(self.schedules, self.weights)  # before training, not at step N
+        self.samplers = self.samplers or pl_module.eval_samplers
+        pl_module.check_sampling(self.samplers, self.weights)  # before training, not at step N
         # trainer.log_dir is a broadcast: every rank must ask, here, not rank zero alone later on
         self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_written = trainer.global_step  # a resumed run drew this step's grid before it stopped
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # Step N's grid is drawn as step N + 1 begins: after every callback's batch-end work for step N
-        # (the EMA update among them), so "step N" shows the weights of step N.
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The module moved its EMAs inside the optimizer step: "step N" shows the weights of step N.
         if trainer.global_step % self.every_n_steps == 0:
             self._write(trainer, pl_module)
 
@@ -66,12 +67,12 @@ class SampleGrid(Callback):
             return
         self._last_written = step
         self.folder.mkdir(parents=True, exist_ok=True)
-        for sigmas in self.schedules:
-            x = pl_module.sample(self.num_samples, sigmas, weights=self.weights, seed=self.seed)
+        for spec in self.samplers:
+            x = pl_module.sample(self.num_samples, spec, weights=self.weights, seed=self.seed)
             grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), normalize=True, value_range=(-1, 1))
-            name = "-".join(f"{s:g}" for s in sigmas)
+            name = spec if isinstance(spec, str) else "sigmas_" + "-".join(f"{s:g}" for s in spec)
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(f"samples/sigmas_{name}", grid, step)
-            path = self.folder / f"step{step:07d}_sigmas_{name}.png"
+                    logger.experiment.add_image(f"samples/{name}", grid, step)
+            path = self.folder / f"step{step:07d}_{name}.png"
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))  # never a half-written PNG

@@ -26,6 +26,15 @@ class ConsistencyFunction(nn.Module):
         return skip * x.float() + out * F_x
 
 
+class EDMDenoiser(ConsistencyFunction):
+    """D_φ(x, σ) = c_skip(σ) x + c_out(σ) F_φ(c_in(σ) x, c_noise(σ)) with the plain EDM scalings (EDM Table 1):
+    c_skip = σ_d²/(σ² + σ_d²), c_out = σ σ_d/√(σ² + σ_d²), which are the consistency ones at σ_min = 0.
+    The same F_φ can therefore start a consistency model f_θ (ECT, CD)."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA):
+        super().__init__(net, 0.0, sigma_data)
+
+
 def validate_sampling_sigmas(sigmas: Sequence[float], sigma_min: float, sigma_max: float) -> None:
     """A schedule is a non-empty, strictly decreasing list in (σ_min, σ_max]."""
     sigmas = list(sigmas)

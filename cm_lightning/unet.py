@@ -138,6 +138,12 @@ class UNet(nn.Module):
         validate_unet(image_size, list(channel_mult), list(attn_resolutions), embedding_type)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.image_size, self.channels = image_size, channels  # what the modules read
+        self.init_args = dict(  # how to build it again, for checkpoints made without the CLI
+            image_size=image_size, channels=channels, model_channels=model_channels, channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), dropout=dropout,
+            embedding_type=embedding_type,
+        )
         emb_dim = 4 * model_channels
         embed = FourierEmbedding if embedding_type == "fourier" else PositionalEmbedding
         self.embed = embed(model_channels)

@@ -9,14 +9,25 @@ import torch
 from PIL import Image
 from lightning.pytorch import Trainer
 
-from cm_lightning import ConsistencyTrainingModule
+from cm_lightning import ConsistencyTrainingModule, UNet
 
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16])
 MAX_STEPS = 16  # of the CLI runs made by ``fit_args``
 
 
-def tiny(**kwargs) -> ConsistencyTrainingModule:
-    return ConsistencyTrainingModule(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
+NET_ARGS = ("image_size", "channels", "model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
+            "embedding_type")
+
+
+def tiny_net(**kwargs) -> UNet:
+    """The tiny UNet (16×16, one channel unless told)."""
+    return UNet(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
+
+
+def tiny(cls=ConsistencyTrainingModule, **kwargs):
+    """A module of class ``cls`` over the tiny UNet; UNet arguments among ``kwargs`` go to the network."""
+    net = tiny_net(**{k: kwargs.pop(k) for k in list(kwargs) if k in NET_ARGS})
+    return cls(net=net, **kwargs)
 
 
 def randomise(module: torch.nn.Module) -> None:
@@ -31,11 +42,12 @@ def make_trainer(tmp_path, **kwargs) -> Trainer:
     return Trainer(**{**defaults, **kwargs})
 
 
-def tiny_args(data_dir: Path) -> list[str]:
+def tiny_args(data_dir: Path, model: str = "ConsistencyTrainingModule") -> list[str]:
     return [
-        "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8",
-        "--model.model_channels=8", "--model.channel_mult=[1, 2]", "--model.num_res_blocks=1",
-        "--model.attn_resolutions=[16]", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+        "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8", "--model", model,
+        "--model.net", "cm_lightning.unet.UNet", "--model.net.model_channels=8", "--model.net.channel_mult=[1, 2]",
+        "--model.net.num_res_blocks=1", "--model.net.attn_resolutions=[16]", "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
     ]
 
 

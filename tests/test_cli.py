@@ -34,7 +34,7 @@ def test_sample_from_checkpoint_alone(trained_run):
     module = ConsistencyTrainingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     assert (module.hparams.image_size, module.hparams.channels) == (32, 1)  # linked from the DataModule
     one = module.sample(6, generator=torch.Generator().manual_seed(0))
-    two = module.sample(6, sigmas=(80.0, 0.8), generator=torch.Generator().manual_seed(0))
+    two = module.sample(6, sampler=(80.0, 0.8), generator=torch.Generator().manual_seed(0))
     for x in (one, two):
         assert x.shape == (6, 1, 32, 32) and x.min() >= -1 and x.max() <= 1 and torch.isfinite(x).all()
     assert torch.load(ckpt, weights_only=True)["global_step"] == MAX_STEPS
@@ -85,8 +85,8 @@ def test_predict_writes_seeded_png_and_npz_independent_of_batch_size(trained_run
     from torchvision.io import decode_png, read_file
 
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    predict(fake_mnist, tmp_path, ckpt, tmp_path / "a", "--model.predict_sigmas=[80.0, 0.8]", "--model.predict_seed=3")
-    predict(fake_mnist, tmp_path, ckpt, tmp_path / "b", "--model.predict_sigmas=[80.0, 0.8]", "--model.predict_seed=3",
+    predict(fake_mnist, tmp_path, ckpt, tmp_path / "a", "--model.predict_sampler=[80.0, 0.8]", "--model.predict_seed=3")
+    predict(fake_mnist, tmp_path, ckpt, tmp_path / "b", "--model.predict_sampler=[80.0, 0.8]", "--model.predict_seed=3",
             "--data.batch_size=3")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == [f"{i:06d}.png" for i in range(20)] + ["samples.npz"]  # no part or temporary file left

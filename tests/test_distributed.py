@@ -15,7 +15,7 @@ from callbacks import FID
 from cm_lightning import ConsistencyTrainingModule
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
-from tests.helpers import TINY_NET, make_trainer, tiny_args
+from tests.helpers import make_trainer, tiny, tiny_args, tiny_net
 
 K = 4
 
@@ -47,7 +47,7 @@ class SaveRankState(Callback):
 @pytest.mark.slow
 def test_ddp_spawn_ranks_share_weights_and_curriculum_but_not_noise(tmp_path):
     torch.manual_seed(0)
-    m = Recording(image_size=16, channels=1, **TINY_NET, recipe="ct", ema_decays=[0.9, 0.99], dropout=0.1)
+    m = Recording(net=tiny_net(dropout=0.1), recipe="ct", ema_decays=[0.9, 0.99])
     m.draws = []
     data = DataLoader(torch.rand(64, 1, 16, 16) * 2 - 1, batch_size=4, shuffle=True)
     initial = {k: v.clone() for k, v in m.state_dict().items()}
@@ -83,11 +83,11 @@ class Pixels(nn.Module):
 
 def fid_test(tmp_path, fake_mnist, **trainer_kwargs) -> dict[str, float]:
     torch.manual_seed(0)
-    m = ConsistencyTrainingModule(image_size=32, channels=1, **TINY_NET, eval_weights="online")
+    m = tiny(image_size=32, channels=1, eval_weights="online")
     with torch.no_grad():
         m.online.net.out[2].weight.normal_(0, 0.3)  # a generator that is not the zero-init identity
     dm = MNISTDataModule(str(fake_mnist), batch_size=7)
-    fid = FID(num_samples=23, batch_size=5, feature=Pixels(), schedules=[[80.0], [80.0, 2.0]])
+    fid = FID(num_samples=23, batch_size=5, feature=Pixels(), samplers=[[80.0], [80.0, 2.0]])
     (results,) = make_trainer(tmp_path, callbacks=[fid], **trainer_kwargs).test(m, datamodule=dm, verbose=False)
     return results
 

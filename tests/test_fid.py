@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from callbacks.fid import FID
-from cm_lightning import ConsistencyTrainingModule
 from datamodules import MNISTDataModule
-from tests.helpers import TINY_NET, make_trainer
+from tests.helpers import make_trainer, tiny
 
 
 def digits(n: int, seed: int) -> torch.Tensor:
@@ -34,7 +33,7 @@ def test_fid_is_zero_for_identical_sets_and_large_for_noise():
 @pytest.mark.slow
 def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
     torch.manual_seed(0)
-    m = ConsistencyTrainingModule(image_size=32, channels=1, **TINY_NET, eval_weights="online")
+    m = tiny(image_size=32, channels=1, eval_weights="online")
     dm = MNISTDataModule(str(fake_mnist), batch_size=8, val_fraction=0.25)
     fid = FID(num_samples=40, test_num_samples=24, batch_size=16)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=[fid])
@@ -54,7 +53,7 @@ def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
         (dict(num_samples=1), "num_samples must be >= 2 for FID"),
         (dict(test_num_samples=1), "test_num_samples must be >= 2 for FID .* got 1"),
         (dict(feature="clip"), r"feature must be one of \('mnist', 'inception'\) or an nn.Module, got 'clip'"),
-        (dict(schedules=[[80.0], [40.0]]), "distinct lengths"),
+        (dict(samplers=[[80.0], [40.0]]), "distinct lengths"),
     ],
 )
 def test_bad_fid_arguments_are_named(kwargs, message):
@@ -63,13 +62,13 @@ def test_bad_fid_arguments_are_named(kwargs, message):
 
 
 def test_fid_setup_leaves_the_training_rng_alone(fake_mnist):
-    m = ConsistencyTrainingModule(image_size=32, channels=1, **TINY_NET)
+    m = tiny(image_size=32, channels=1)
     state = torch.get_rng_state()
     FID().setup(None, m, "fit")
     assert torch.equal(torch.get_rng_state(), state)  # a run with FID trains exactly as one without
 
 
 def test_mnist_features_need_one_channel(tmp_path, fake_mnist):
-    m = ConsistencyTrainingModule(image_size=32, channels=3, **TINY_NET)
+    m = tiny(image_size=32, channels=3)
     with pytest.raises(ValueError, match="feature='mnist' needs 1-channel images, the model has channels=3"):
         FID().setup(None, m, "fit")

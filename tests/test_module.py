@@ -5,10 +5,10 @@ import torch
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
-from cm_lightning import ConsistencyTrainingModule, multistep_sample
+from cm_lightning import ConsistencySampler, multistep_sample
 from cm_lightning.losses import pseudo_huber, squared_l2
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
-from tests.helpers import TINY_NET, make_trainer, randomise, tiny
+from tests.helpers import make_trainer, randomise, tiny
 
 
 @pytest.mark.parametrize("recipe, metric", [("ict", pseudo_huber), ("ct", squared_l2)])
@@ -98,7 +98,7 @@ def test_sample_shape_range_and_seed():
     randomise(m.online)
     one = m.sample(5, generator=torch.Generator().manual_seed(1))
     again = m.sample(5, generator=torch.Generator().manual_seed(1))
-    two = m.sample(5, sigmas=(80.0, 0.8), generator=torch.Generator().manual_seed(1))
+    two = m.sample(5, sampler=(80.0, 0.8), generator=torch.Generator().manual_seed(1))
     assert one.shape == (5, 1, 16, 16) and one.min() >= -1 and one.max() <= 1
     assert torch.equal(one, again) and not torch.equal(one, two)
     assert m.online.training  # sampling restores the mode it found
@@ -111,7 +111,7 @@ def test_sample_shape_range_and_seed():
 )
 def test_sample_rejects_bad_schedules(sigmas, message):
     with pytest.raises(ValueError, match=message):
-        tiny().sample(2, sigmas=sigmas)
+        tiny().sample(2, sampler=sigmas)
 
 
 @pytest.mark.parametrize(
@@ -124,11 +124,11 @@ def test_sample_rejects_bad_schedules(sigmas, message):
         (dict(loss="lpips"), "loss must be one of"),
         (dict(image_size=18, channel_mult=[1, 2, 2], attn_resolutions=[]), r"image_size=18 cannot be halved 2 times \(channel_mult=\[1, 2, 2\]\): it must be a multiple of 4"),
         (dict(attn_resolutions=[4]), r"attn_resolutions=\[4\] has \[4\], not in the net; resolutions present: \[16, 8\]"),
-        (dict(channels=2), "channels must be 1 or 3, got 2"),
+        (dict(channels=2), r"channels must be 1 or 3 \(greyscale or RGB images\), got 2"),
         (dict(embedding_type="learned"), "embedding_type must be one of"),
         (dict(dropout=1.0), r"dropout must lie in \[0, 1\), got 1.0"),
-        (dict(predict_sigmas=[0.8, 80.0]), r"sigmas=\[0.8, 80.0\] must be strictly decreasing"),
-        (dict(predict_sigmas=[100.0]), r"must lie in \(sigma_min, sigma_max\] = \(0.002, 80.0\]"),
+        (dict(predict_sampler=[0.8, 80.0]), r"sigmas=\[0.8, 80.0\] must be strictly decreasing"),
+        (dict(predict_sampler=[100.0]), r"must lie in \(sigma_min, sigma_max\] = \(0.002, 80.0\]"),
         (dict(predict_seed=-1), r"predict_seed must lie in \[0, 2\*\*31\), got -1"),
         (dict(eval_weights="ema_0.5"), r"unknown weights 'ema_0.5'.*choose one of \['ema', 'ema_0.9999', 'online'\]"),
     ],
@@ -141,8 +141,8 @@ def test_bad_model_arguments_are_named(kwargs, message):
 def test_channels_mismatch_with_data_is_refused_before_training(tmp_path, fake_mnist):
     from datamodules import MNISTDataModule
 
-    m = ConsistencyTrainingModule(image_size=32, channels=3, **TINY_NET)
-    with pytest.raises(ValueError, match="the data has channels=1 but the model has channels=3"):
+    m = tiny(image_size=32, channels=3)
+    with pytest.raises(ValueError, match="the data has channels=1 but the model's network has channels=3"):
         make_trainer(tmp_path, max_steps=1).fit(m, datamodule=MNISTDataModule(str(fake_mnist), batch_size=4))
     assert m.global_step == 0
 
@@ -199,6 +199,8 @@ def test_clip_denoised_clamps_between_steps_and_leaves_one_step_alone():
 class Loud(torch.nn.Module):
     """F = 4 x at σ = 80 (f ≈ 2 z, outside [-1, 1]) and 0.1 x at σ = 0.8 (inside): the clamp shows."""
 
+    image_size, channels = 16, 1
+
     def forward(self, x, noise):
         return x * torch.where(noise > 0.5, 4.0, 0.1).reshape(-1, 1, 1, 1)
 
@@ -207,7 +209,8 @@ def test_module_sampling_clamps_between_steps_by_default():
     m = tiny()
     m.online.net = Loud()
     assert m.hparams.clip_denoised
-    sample = lambda sigmas, clip: m.sample(3, sigmas, weights="online", seed=1, clip_denoised=clip)
+    sample = lambda sigmas, clip: m.sample(3, sigmas if clip is None else ConsistencySampler(tuple(sigmas), clip),
+                                           weights="online", seed=1)
     assert torch.equal(sample([80.0], None), sample([80.0], False))  # one step: unchanged
     assert torch.equal(sample([80.0, 0.8], None), sample([80.0, 0.8], True))
     assert not torch.equal(sample([80.0, 0.8], True), sample([80.0, 0.8], False))

@@ -8,14 +8,14 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyTrainingModule
-from tests.helpers import TINY_NET, make_trainer
+from tests.helpers import make_trainer, tiny, tiny_net
 
 
 class NaNAt(ConsistencyTrainingModule):
     """A module whose training loss is NaN at the given global steps (first try only)."""
 
     def __init__(self, nan_steps: list[int] = [], **kwargs):
-        super().__init__(**{"image_size": 16, "channels": 1, **TINY_NET, **kwargs})
+        super().__init__(net=tiny_net(), **kwargs)
         self.nan_steps = set(nan_steps)
 
     def consistency_loss(self, x, z, sigma_n, sigma_next, f=None):
@@ -59,17 +59,16 @@ def test_on_nonfinite_names_the_accepted_values():
 
 
 def test_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
-    from tests.helpers import tiny
-
     trainer = make_trainer(tmp_path, max_steps=1, enable_checkpointing=True)
     trainer.fit(tiny(recipe="ct"), data())
     path = tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"
     other = tiny(model_channels=16, recipe="ict", ema_decays=[0.9, 0.99])
-    pattern = r"model_channels: checkpoint 8, model 16; recipe: checkpoint 'ct', model 'ict'; ema_decays: checkpoint \[0.9999\]"
+    pattern = (r"net.model_channels: checkpoint 8, model 16; number of ema_decays: checkpoint 1, model 2; "
+               r"target network \(recipe ct\): checkpoint True, model False")
     with pytest.raises(ValueError, match=pattern):
         make_trainer(tmp_path, max_steps=2).fit(other, data(), ckpt_path=path)
     loaded = ConsistencyTrainingModule.load_from_checkpoint(path, weights_only=True)  # the file alone suffices
-    assert loaded.hparams.model_channels == 8 and loaded.target is not None
+    assert loaded.hparams.net["init_args"]["model_channels"] == 8 and loaded.target is not None
 
 
 class InfGradAt(NaNAt):

@@ -18,7 +18,7 @@ def fit_with_grid(tmp_path, lr: float, **grid_kwargs):
     torch.manual_seed(0)
     m = tiny(eval_weights="online", optimizer=lambda p: torch.optim.SGD(p, lr=lr))
     logger = TensorBoardLogger(tmp_path, name="run")
-    grid = SampleGrid(every_n_steps=2, num_samples=4, schedules=[[80.0], [80.0, 0.8]], **grid_kwargs)
+    grid = SampleGrid(every_n_steps=2, num_samples=4, samplers=[[80.0], [80.0, 0.8]], **grid_kwargs)
     make_trainer(tmp_path, max_steps=5, logger=logger, callbacks=[grid]).fit(m, DataLoader(torch.rand(24, 1, 16, 16) * 2 - 1, batch_size=4))
     return logger.log_dir
 
@@ -45,7 +45,7 @@ def test_identical_noise_gives_identical_grids(tmp_path):
 def test_grid_of_step_n_shows_the_ema_weights_of_step_n(tmp_path):
     torch.manual_seed(0)
     m = tiny(ema_decays=[0.5], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    grid = SampleGrid(every_n_steps=2, num_samples=4, schedules=[[80.0]], weights="ema")
+    grid = SampleGrid(every_n_steps=2, num_samples=4, samplers=[[80.0]], weights="ema")
     saves = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = make_trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[grid, saves])
     trainer.fit(m, DataLoader(torch.rand(24, 1, 16, 16) * 2 - 1, batch_size=4))
@@ -59,7 +59,7 @@ def test_grid_of_step_n_shows_the_ema_weights_of_step_n(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(every_n_steps=0), "every_n_steps must be >= 1, got 0"), (dict(num_samples=0), "num_samples must be >= 1, got 0"),
-     (dict(schedules=[]), "at least one list of noise levels")],
+     (dict(samplers=[]), "at least one list of noise levels")],
 )
 def test_bad_grid_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -68,7 +68,7 @@ def test_bad_grid_arguments_are_named(kwargs, message):
 
 def test_bad_schedule_is_refused_before_training(tmp_path):
     m = tiny()
-    grid = SampleGrid(schedules=[[0.8, 80.0]])
+    grid = SampleGrid(samplers=[[0.8, 80.0]])
     with pytest.raises(ValueError, match="strictly decreasing"):
         make_trainer(tmp_path, max_steps=1, callbacks=[grid]).fit(m, DataLoader(torch.rand(4, 1, 16, 16), batch_size=4))
     assert m.global_step == 0

@@ -1,0 +1,407 @@
+"""GenerativeModule: what every training method shares; the methods subclass it.
+
+The network comes from the ``net`` argument; the module wraps it in the method's parametrisation
+(``wrap``), keeps the evaluation EMAs, samples with any sampler value, writes ``predict`` images,
+checks checkpoints, seeds each step, and moves every averaged network (EMAs and a target θ⁻) in one
+place: right after the optimizer step. A method implements ``wrap``, ``losses`` and ``validation_loss``.
+"""
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from lightning.pytorch import Callback, LightningModule, seed_everything
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from cm_lightning.consistency import indexed_noise
+from cm_lightning.ema import ema_decay, update_ema, validate_decays
+from cm_lightning.karras import validate_sigma_range
+from cm_lightning.lr_schedules import CosineDecay
+from cm_lightning.sampling import Sampler, parse_sampler
+from cm_lightning.unet import UNet
+
+SamplerSpec = list[float] | str
+
+
+@runtime_checkable
+class SamplingModule(Protocol):
+    """What the callbacks (grids, FID, sample writer) rely on, for every method."""
+
+    image_shape: tuple[int, int, int]
+
+    def check_sampling(self, samplers: Sequence[SamplerSpec], weights: str | None) -> None: ...
+
+    def sampler(self, spec: SamplerSpec | Sampler | None) -> Sampler: ...
+
+    def sample(self, num_samples: int, sampler=None, generator=None, weights=None, seed=None, first_index=0) -> Tensor: ...
+
+
+def network_config(net: nn.Module) -> dict:
+    """A network's class and arguments as plain data, for ``hparams`` (and so ``load_from_checkpoint``)."""
+    return {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": dict(getattr(net, "init_args", {}))}
+
+
+def build_network(net: nn.Module | dict | None) -> nn.Module:
+    """The network from an instance, a {"class_path", "init_args"} dict (as checkpoints store it), or None (UNet())."""
+    if net is None:
+        return UNet()
+    if isinstance(net, dict):
+        from lightning.pytorch.cli import instantiate_class
+
+        return instantiate_class((), {"class_path": net["class_path"], "init_args": net.get("init_args", {})})
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be an nn.Module (or its class_path/init_args config), got {type(net).__name__}")
+    return net
+
+
+class GenerativeModule(LightningModule):
+    """Base class of every method: network, EMAs, sampling, predict, checkpoints, seeded steps."""
+
+    default_sampler: SamplerSpec = [80.0]  # of ``sample`` and ``predict``
+    eval_samplers: list[SamplerSpec] = [[80.0], [80.0, 0.8]]  # of grids and FID, unless they are told
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        rho: float = 7.0,
+        ema_decays: list[float] = [0.9999],
+        ema_warmup: bool = False,
+        eval_weights: str = "ema",
+        predict_sampler: SamplerSpec | None = None,
+        predict_seed: int = 0,
+        clip_denoised: bool = True,
+        compile: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        """
+        Args:
+            net: the network F(c_in x, c_noise), any nn.Module with ``image_size`` and ``channels`` arguments
+                (linked from the data by the CLI) and attributes; default ``cm_lightning.unet.UNet``.
+            sigma_min: smallest noise level σ_min (consistency models: f(x, σ_min) = x).
+            sigma_max: largest noise level σ_max, where sampling starts.
+            sigma_data: standard deviation of the data (images in [-1, 1]).
+            rho: Karras discretisation exponent ρ.
+            ema_decays: decays β of the evaluation EMAs of the online weights (CM paper 0.9999, iCT 0.99993).
+            ema_warmup: cap β at (1 + n) / (10 + n) after n updates, for short runs.
+            eval_weights: weights for validation and sampling: "online", "ema" (the first decay) or "ema_<decay>".
+            predict_sampler: sampler of ``cm-lightning predict``: a σ list ([80.0] one step, [80.0, 0.8] two)
+                or "heun<N>" / "euler<N>" (the probability-flow ODE); None: the method's default.
+            predict_seed: noise seed of ``predict``; image i depends on (seed, i) only.
+            clip_denoised: in multistep consistency sampling (``sample``, grids, FID, ``predict``), clamp each
+                step's output to [-1, 1] before adding the next noise, as the official code and diffusers do.
+            compile: compile the networks with ``torch.compile`` for training and sampling (weights and
+                checkpoints unchanged); the first steps are slow while it compiles.
+            on_nonfinite: a non-finite training loss "stop"s the run (weights and checkpoints untouched) or
+                "skip"s that step, counted in ``train/skipped_steps``.
+            optimizer: optimizer factory; None is Adam(lr=1e-4).
+            lr_scheduler: optional LR schedule factory, stepped every optimizer step;
+                ``cm_lightning.lr_schedules.CosineDecay`` without ``total_steps`` lasts as long as the run.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"] + (["net"] if isinstance(net, nn.Module) else []))
+        validate_sigma_range(sigma_min, sigma_max, sigma_data, rho)
+        validate_decays(ema_decays)
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        if not 0 <= predict_seed < 2**31:
+            raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
+        net = build_network(net)
+        if not isinstance(self.hparams.get("net"), dict):  # built in Python: keep its config, not the object
+            self.hparams["net"] = network_config(net)
+        for name in ("image_size", "channels"):
+            if not isinstance(getattr(net, name, None), int):
+                raise ValueError(f"the network {type(net).__name__} must have an int attribute {name!r}")
+        if net.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3 (greyscale or RGB images), got {net.channels}")
+        self.online = self.wrap(net)
+        self.ema = nn.ModuleDict({str(i): copy.deepcopy(self.online).requires_grad_(False) for i in range(len(ema_decays))})
+        self.network(eval_weights)  # refuse an unknown name now, not at the first validation
+        self.sampler(predict_sampler)  # and a bad predict sampler
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self._compiled, self._skipped_steps, self._seed = False, 0, torch.initial_seed()
+
+    # -- what a method provides -------------------------------------------------------------
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """The network in the method's parametrisation (f_θ or D_φ)."""
+        raise NotImplementedError
+
+    def losses(self, x: Tensor) -> Tensor:
+        """Per-sample training losses of a clean batch at ``self.global_step``, noise from torch's RNG."""
+        raise NotImplementedError
+
+    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor:
+        """A loss on fixed noise levels and noise (image ``index[j]`` seeded by that index)."""
+        raise NotImplementedError
+
+    def averaged_networks(self) -> list[tuple[nn.Module, float]]:
+        """Every (network, decay β) to move as θ_avg ← β θ_avg + (1 − β) θ after optimizer step k."""
+        k = self.global_step  # the step just taken: Lightning counts it once ``optimizer_step`` returns
+        return [(ema, ema_decay(d, k, self.hparams.ema_warmup)) for d, ema in zip(self.hparams.ema_decays, self.ema.values())]
+
+    def structure(self) -> dict:
+        """Settings that decide the shape of the state dict (compared when a checkpoint is loaded)."""
+        return type(self).structure_of(self.hparams)
+
+    # -- networks and checkpoints -----------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        net = self.online.net
+        return net.channels, net.image_size, net.image_size
+
+    def network(self, weights: str) -> nn.Module:
+        """The network with the named weights: "online", "ema" or "ema_<decay>"."""
+        names = {"online": self.online}
+        if self.ema:
+            names["ema"] = self.ema["0"]
+        names |= {f"ema_{d}": self.ema[str(i)] for i, d in enumerate(self.hparams.ema_decays)}
+        if weights not in names:
+            raise ValueError(
+                f"unknown weights {weights!r} (eval_weights, or weights= of sample/SampleGrid): choose one of {sorted(names)}"
+            )
+        return names[weights]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["run_seed"] = self._seed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, by name, a checkpoint of another structure (before PyTorch's list of tensor sizes);
+        a resumed ``fit`` goes on with the run's own seed, whatever seed the relaunch was given."""
+        saved = type(self).structure_of(checkpoint.get("hyper_parameters", {}))
+        mine = self.structure()
+        differ = [k for k in mine if k in saved and saved[k] != mine[k]]
+        if differ:
+            raise ValueError(
+                "the checkpoint was trained with other network settings: "
+                + "; ".join(f"{k}: checkpoint {saved[k]!r}, model {mine[k]!r}" for k in differ)
+                + f". Build the model from the checkpoint ({type(self).__name__}.load_from_checkpoint, or "
+                "--ckpt_path with the CLI, which takes the checkpoint's settings)."
+            )
+        seed = checkpoint.get("run_seed")
+        if seed is not None and self._trainer is not None and self.trainer.state.fn == "fit" and seed != self._seed:
+            rank_zero_info(f"Resuming with the run's seed {seed} (this launch was given {self._seed}).")
+            seed_everything(seed, verbose=False)  # the data order reads it too (PL_GLOBAL_SEED)
+            self._seed = seed
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, also for checkpoints of cm-lightning 0.1 (upgraded in memory, see ``upgrade``)."""
+        from cm_lightning.upgrade import upgraded_file
+
+        return super().load_from_checkpoint(upgraded_file(checkpoint_path), *args, **kwargs)
+
+    @classmethod
+    def structure_of(cls, hparams: dict) -> dict:
+        """``structure()`` as recorded in a checkpoint's hyper-parameters."""
+        out = {}
+        if isinstance(hparams.get("net"), dict):  # dropout changes no shape
+            out["net"] = hparams["net"].get("class_path")
+            out |= {f"net.{k}": v for k, v in hparams["net"].get("init_args", {}).items() if k != "dropout"}
+        if "ema_decays" in hparams:
+            out["number of ema_decays"] = len(hparams["ema_decays"])
+        return out
+
+    def configure_model(self) -> None:
+        """``compile=True``: compile every network in place (``nn.Module.compile`` keeps the state-dict keys)."""
+        if self.hparams.compile and not self._compiled:
+            for f in self.networks():
+                f.net.compile()
+            self._compiled = True
+
+    def networks(self) -> list[nn.Module]:
+        """Every parametrised network the module holds: online, EMAs (and a method's own, such as θ⁻)."""
+        return [self.online, *self.ema.values()]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The module needs its non-finite guard to be correct, so it brings it itself."""
+        from callbacks.nonfinite import NonFiniteGuard  # callbacks import cm_lightning: import at call time
+
+        return [NonFiniteGuard()]
+
+    # -- training -----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        for name, mine in (("channels", self.image_shape[0]), ("image_size", self.image_shape[1])):
+            if dm is not None and getattr(dm, name, mine) != mine:
+                raise ValueError(f"the data has {name}={getattr(dm, name)} but the model's network has {name}={mine}")
+        self._seed = torch.initial_seed()  # seed_everything's seed; a resumed run takes the checkpoint's
+
+    def trainer_steps(self) -> int:
+        """The Trainer's total optimizer steps (``max_steps``, or what ``max_epochs`` implies)."""
+        steps = self.trainer.estimated_stepping_batches
+        if steps == float("inf"):
+            raise ValueError("the Trainer has no end, so the curriculum and LR schedule have no length: "
+                             "set --trainer.max_steps (or --model.total_steps and the schedule's total_steps)")
+        return int(steps)
+
+    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor | None:
+        x = images_of(batch)
+        with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
+            torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
+            loss = self.losses(x).mean()
+        if not self._finite_on_all_ranks(loss):
+            return self._nonfinite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _finite_on_all_ranks(self, loss: Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank must take the same branch, or DDP hangs
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite.item())
+
+    def describe_step(self) -> str:
+        """What a non-finite-loss message says about the step's noise levels."""
+        return ""
+
+    def _nonfinite(self, loss: Tensor) -> None:
+        """No optimizer step for a non-finite loss: stop with what is known, or skip the step and count it."""
+        if self.hparams.on_nonfinite == "skip":
+            self.count_skipped_step()
+            return None  # Lightning skips backward and the optimizer step, on every rank alike
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at global step {self.global_step}{self.describe_step()}. "
+            "The weights were not updated and the checkpoints on disk are intact. Try a lower learning rate, "
+            "--trainer.precision 32-true, gradient clipping (--trainer.gradient_clip_val 1.0), or "
+            "--model.on_nonfinite skip; resume with --ckpt_path last."
+        )
+
+    def count_skipped_step(self) -> None:
+        self._skipped_steps += 1
+        self.log("train/skipped_steps", float(self._skipped_steps))
+
+    def configure_optimizers(self):
+        params = self.online.parameters()
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-4)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, CosineDecay) and scheduler.follows_run:
+            scheduler.total_steps = self.trainer_steps()
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then every averaged network (EMAs, target θ⁻) moves, here and only here:
+        once per real step (not per accumulated micro-batch, not for a skipped step)."""
+        losses = []
+
+        def closure():
+            losses.append(optimizer_closure())
+            return losses[-1]
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        if losses and losses[-1] is None:
+            return  # a skipped non-finite step: Lightning did not step the optimizer, nothing moved
+        for averaged, decay in self.averaged_networks():
+            update_ema(averaged, self.online, decay)
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_seen = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_seen = 0
+
+    def _eval_loss(self, batch) -> Tensor:
+        x = images_of(batch)
+        index = torch.arange(self._eval_seen, self._eval_seen + len(x))
+        self._eval_seen += len(x)
+        return self.validation_loss(x, index).mean()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.log("val/loss", self._eval_loss(batch), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.log("test/loss", self._eval_loss(batch), sync_dist=True)
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def sampler(self, spec: SamplerSpec | Sampler | None = None) -> Sampler:
+        """A sampler value from a config value (σ list, "heun<N>", a Sampler), checked against this model."""
+        chosen = parse_sampler(self.default_sampler if spec is None else spec, self.hparams.clip_denoised)
+        chosen.validate(self.hparams.sigma_min, self.hparams.sigma_max)
+        return chosen
+
+    def check_sampling(self, samplers: Sequence[SamplerSpec], weights: str | None) -> None:
+        """Refuse samplers or a weights name this model cannot use (callbacks call it in ``setup``)."""
+        for spec in samplers:
+            self.sampler(spec)
+        self.network(weights or self.hparams.eval_weights)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: SamplerSpec | Sampler | None = None,
+        generator: torch.Generator | None = None,
+        weights: str | None = None,
+        seed: int | None = None,
+        first_index: int = 0,
+    ) -> Tensor:
+        """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W).
+
+        ``sampler``: a σ list (``(80.0,)`` one consistency step, ``(80.0, 0.8)`` two), "heun<N>" /
+        "euler<N>", or a sampler value; None takes the method's default. Noise comes from ``generator``
+        (CPU or device), or, given ``seed``, per image: image ``first_index + j`` depends on (seed, index)
+        alone, not on the batch it is drawn in. ``weights`` names the network ("online", "ema",
+        "ema_<decay>"); None takes ``eval_weights``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either generator= or seed=, not both")
+        sampler = self.sampler(sampler)
+        if seed is not None:
+            return self.sample_indexed(range(first_index, first_index + num_samples), sampler, seed, weights)
+        device = generator.device if generator is not None else self.device
+        noise = torch.randn(sampler.num_draws, num_samples, *self.image_shape, generator=generator, device=device)
+        return self.sample_from_noise(noise, sampler, weights)
+
+    def sample_indexed(self, indices: Sequence[int], sampler, seed: int, weights: str | None = None) -> Tensor:
+        """Image ``indices[j]`` from the noise seeded by (seed, indices[j]): batch- and rank-free sampling."""
+        sampler = self.sampler(sampler)
+        noise = indexed_noise(seed, indices, sampler.num_draws, self.image_shape)
+        return self.sample_from_noise(noise, sampler, weights)
+
+    @torch.no_grad()
+    def sample_from_noise(self, noise: Tensor, sampler, weights: str | None = None) -> Tensor:
+        """Images from given noise (num_draws, B, C, H, W): the sampler behind ``sample`` and ``predict``."""
+        sampler, f = self.sampler(sampler), self.network(weights or self.hparams.eval_weights)
+        was_training = f.training
+        f.eval()
+        try:
+            h = self.hparams
+            return sampler(f, noise.to(self.device), h.sigma_min, h.sigma_max, h.rho)
+        finally:
+            f.train(was_training)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Images for a batch of sample indices (the DataModule's predict loader), seeded per index."""
+        return self.sample_indexed(batch.tolist(), self.hparams.predict_sampler, self.hparams.predict_seed)
+
+
+def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:
+    """Accept bare image batches and (image, label) pairs."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
+    """The seed of one training batch's noise levels, noise and dropout masks.
+
+    A function of (run seed, global step, batch index, rank) alone: DDP ranks draw different noise, and
+    a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+    """
+    digest = hashlib.blake2b(repr((seed, step, batch_idx, rank)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")  # 32 bits: all a CPU generator keeps of its seed

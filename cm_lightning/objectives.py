@@ -1,0 +1,94 @@
+"""Training objectives, one small class per paper (as NVlabs/edm's ``training/loss.py``).
+
+Each is called with the networks and a clean batch x, draws its own noise levels and noise from
+torch's current RNG (the module seeds it per step and rank), and returns one loss per sample.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from cm_lightning.karras import karras_sigmas
+from cm_lightning.recipes import Recipe
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+def consistency_loss(
+    student: nn.Module, target: nn.Module, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor,
+    weight: Tensor, metric: Metric,
+) -> Tensor:
+    """λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)) per sample (CM eq. 10; iCT eq. 9).
+
+    The target forward replays the student's RNG state, so with dropout both see the same mask.
+    """
+    device = x.device
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        out = student(x + _bcast(sigma_next) * z, sigma_next)
+    with torch.no_grad():  # the RNG is back where the student's forward found it
+        ref = target(x + _bcast(sigma_n) * z, sigma_n)
+    return weight * metric(out, ref)
+
+
+class ConsistencyTraining:
+    """Consistency training: CT (CM paper, Algorithm 3) or iCT (Song & Dhariwal 2023), after ``recipe``.
+
+    At step k of K: N(k) Karras levels, n drawn from the recipe's p(n), z ~ N(0, I), θ⁻ the target.
+    """
+
+    def __init__(self, recipe: Recipe, metric: Metric, sigma_min: float, sigma_max: float, rho: float):
+        self.recipe, self.metric = recipe, metric
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def num_scales(self, k: int, total_steps: int) -> int:
+        """N(k), clamped to N(K) past the end of the curriculum."""
+        return self.recipe.num_scales(min(k, total_steps), total_steps)
+
+    def draw(self, x: Tensor, k: int, total_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, σ_n, σ_{n+1}) for a batch: n from the recipe's p(n) on the N(k)-level grid, then z ~ N(0, I)."""
+        sigmas = karras_sigmas(self.num_scales(k, total_steps), self.sigma_min, self.sigma_max, self.rho)
+        sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in self.recipe.draw_pairs(sigmas, len(x)))
+        return torch.randn_like(x), sigma_n, sigma_next
+
+    def loss(self, student: nn.Module, target: nn.Module, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor) -> Tensor:
+        """Per-sample λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)) with the recipe's λ and d."""
+        weight = self.recipe.weight(sigma_n, sigma_next)
+        return consistency_loss(student, target, x, z, sigma_n, sigma_next, weight, self.metric)
+
+    def __call__(self, online: nn.Module, target: nn.Module, x: Tensor, k: int, total_steps: int) -> Tensor:
+        return self.loss(online, target, x, *self.draw(x, k, total_steps))
+
+
+class EDMLoss:
+    """EDM denoising loss (Karras et al. 2022, Table 1): ln σ ~ N(P_mean, P_std²), y = x + σ n,
+    λ(σ) ‖D(y, σ) − x‖² with λ(σ) = (σ² + σ_d²)/(σ σ_d)², the squared norm averaged over pixels
+    (EDM sums it; the constant factor C·H·W changes nothing under Adam)."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+        if not p_std > 0:
+            raise ValueError(f"p_std must be > 0, got {p_std}")
+        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+
+    def weight(self, sigma: Tensor) -> Tensor:
+        """λ(σ) = (σ² + σ_d²)/(σ σ_d)²: unit loss scale at every σ for the ideal-ish denoiser (EDM eq. 8)."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def __call__(self, denoiser: nn.Module, x: Tensor) -> Tensor:
+        sigma = (torch.randn(len(x), device=x.device) * self.p_std + self.p_mean).exp()
+        return self.loss(denoiser, x, sigma, torch.randn_like(x))
+
+    def loss(self, denoiser: nn.Module, x: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+        """λ(σ) ‖D(x + σ n, σ) − x‖² per sample, at given σ and noise n."""
+        error = (denoiser(x + _bcast(sigma) * noise, sigma).float() - x.float()).square().flatten(1).mean(1)
+        return self.weight(sigma) * error
+
+    def fixed_levels(self, count: int) -> Tensor:
+        """σ at the quantiles (i + ½)/count of the training law: validation noise levels that do not change."""
+        quantiles = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        return (self.p_mean + self.p_std * math.sqrt(2) * torch.erfinv(2 * quantiles - 1)).exp()
+
+
+def _bcast(sigma: Tensor) -> Tensor:
+    return sigma.reshape(-1, 1, 1, 1)
