@@ -8,6 +8,7 @@ place: right after the optimizer step. A method implements ``wrap``, ``losses`` 
 
 import copy
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
 
@@ -25,6 +26,7 @@ from cm_lightning.sampling import Sampler, parse_sampler
 from cm_lightning.unet import UNet
 
 SamplerSpec = list[float] | str
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # Lightning's, on its allowlist
 
 
 @runtime_checkable
@@ -107,7 +109,9 @@ class GenerativeModule(LightningModule):
                 ``cm_lightning.lr_schedules.CosineDecay`` without ``total_steps`` lasts as long as the run.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"] + (["net"] if isinstance(net, nn.Module) else []))
+        with warnings.catch_warnings():  # a net object is replaced by its config below; the CLI gives a config
+            warnings.filterwarnings("ignore", message=".*'net' is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         validate_sigma_range(sigma_min, sigma_max, sigma_data, rho)
         validate_decays(ema_decays)
         if on_nonfinite not in ("stop", "skip"):
@@ -173,6 +177,11 @@ class GenerativeModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["run_seed"] = self._seed
+        # Built in Python or by the CLI, every checkpoint names its class and is rebuilt the CLI's way, so
+        # `--ckpt_path` (which picks the class from the file) and load_from_checkpoint take any of them.
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+        hparams.setdefault("_instantiator", INSTANTIATOR)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, by name, a checkpoint of another structure (before PyTorch's list of tensor sizes);

@@ -29,6 +29,8 @@ def upgrade_hparams(hparams: dict) -> dict:
     new["net"] = {"class_path": "cm_lightning.unet.UNet", "init_args": {k: hparams[k] for k in UNET_ARGS if k in hparams}}
     if "predict_sigmas" in hparams:
         new["predict_sampler"] = list(hparams["predict_sigmas"])
+    new["_class_path"] = "cm_lightning.module.ConsistencyTrainingModule"  # 0.1 had this method alone
+    new["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
     return new
 
 

@@ -74,3 +74,16 @@ def write_images(folder: Path, n: int, size: tuple[int, int], mode: str = "RGB")
     for i in range(n):
         pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze(-1 if channels == 1 else ())
         Image.fromarray(pixels, mode).save(folder / f"{i:03d}.png")
+
+
+class PlainConvNet(torch.nn.Module):
+    """A user's own network for the ``net`` argument: two convolutions, the noise level added as a bias."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, width: int = 8):
+        super().__init__()
+        self.image_size, self.channels = image_size, channels
+        self.conv_in = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, c_noise):
+        return self.conv_out(torch.relu(self.conv_in(x) + c_noise.reshape(-1, 1, 1, 1)))

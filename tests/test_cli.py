@@ -32,7 +32,7 @@ def test_fit_writes_checkpoint_and_scalars_following_the_ict_curriculum(trained_
 def test_sample_from_checkpoint_alone(trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     module = ConsistencyTrainingModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    assert (module.hparams.image_size, module.hparams.channels) == (32, 1)  # linked from the DataModule
+    assert module.image_shape == (1, 32, 32)  # linked from the DataModule into the network
     one = module.sample(6, generator=torch.Generator().manual_seed(0))
     two = module.sample(6, sampler=(80.0, 0.8), generator=torch.Generator().manual_seed(0))
     for x in (one, two):
@@ -42,10 +42,10 @@ def test_sample_from_checkpoint_alone(trained_run):
 
 def test_console_script_runs_the_same_cli():
     out = subprocess.run([sys.executable, "-m", "cli", "fit", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--model.recipe" in out and "--data CONFIG | CLASS_PATH_OR_NAME" in out
+    assert "--model CONFIG | CLASS_PATH_OR_NAME" in out and "--data CONFIG | CLASS_PATH_OR_NAME" in out
     script = shutil.which("cm-lightning")
     assert script, "the console script is missing: install the project with pip install -e ."
-    assert "--model.recipe" in subprocess.run([script, "fit", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--model CONFIG" in subprocess.run([script, "fit", "--help"], capture_output=True, text=True, check=True).stdout
 
 
 def test_config_typo_is_reported(fake_mnist, tmp_path, capsys):
@@ -59,7 +59,7 @@ def test_presets_parse_and_build(config, fake_mnist):
     """Every preset parses and builds its model and DataModule: catches drift between the YAML and the code."""
     cli = build_cli(["--config", str(config), f"--data.data_dir={fake_mnist}", "--trainer.logger=false"], run=False)
     assert isinstance(cli.model, ConsistencyTrainingModule)
-    assert (cli.model.hparams.channels, cli.model.hparams.image_size) == (cli.datamodule.channels, cli.datamodule.image_size)
+    assert cli.model.image_shape == (cli.datamodule.channels, cli.datamodule.image_size, cli.datamodule.image_size)
 
 
 @pytest.mark.slow
@@ -156,6 +156,9 @@ def test_test_and_predict_find_the_latest_run_and_leave_nothing_behind(trained_r
 
 def test_help_stands_on_its_own_and_names_the_data_options():
     help_of = lambda *a: subprocess.run([sys.executable, "-m", "cli", *a], capture_output=True, text=True, check=True).stdout
-    assert "DESIGN" not in help_of("fit", "--help")
+    for model in ("ConsistencyTrainingModule", "DiffusionModule"):
+        text = help_of("fit", "--model.help", model)
+        assert "DESIGN" not in text and "--model.net NET" in text and "--model.ema_decays" in text
+    assert "--model.recipe" in help_of("fit", "--model.help", "ConsistencyTrainingModule")
     data = help_of("fit", "--data.help", "MNISTDataModule")
     assert "--data.data_dir DATA_DIR" in data and "--data.batch_size BATCH_SIZE" in data

@@ -23,7 +23,7 @@ ROOT = Path(__file__).parents[1]
 
 def resume_args(data_dir: Path, save_dir: Path, max_steps: int, *extra: str) -> list[str]:
     return [
-        "fit", *tiny_args(data_dir), "--model.recipe=ct", "--model.dropout=0.1", "--model.ema_decays=[0.9, 0.99]",
+        "fit", *tiny_args(data_dir), "--model.recipe=ct", "--model.net.dropout=0.1", "--model.ema_decays=[0.9, 0.99]",
         f"--model.total_steps={2 * K}", "--model.lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR",
         f"--model.lr_scheduler.T_max={2 * K}", f"--trainer.max_steps={max_steps}", "--trainer.log_every_n_steps=1",
         "--trainer.limit_val_batches=0", f"--checkpoint.every_n_train_steps={K}",

@@ -59,7 +59,7 @@ def test_grid_of_step_n_shows_the_ema_weights_of_step_n(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(every_n_steps=0), "every_n_steps must be >= 1, got 0"), (dict(num_samples=0), "num_samples must be >= 1, got 0"),
-     (dict(samplers=[]), "at least one list of noise levels")],
+     (dict(samplers=[]), "samplers must hold at least one sampler")],
 )
 def test_bad_grid_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
