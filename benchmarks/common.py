@@ -13,10 +13,9 @@ import yaml
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cm_lightning import ConsistencyTrainingModule  # noqa: E402
+from cm_lightning import ConsistencyTrainingModule, UNet  # noqa: E402
 
-NETWORK_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "embedding_type",
-                "recipe", "loss", "s0", "s1", "ema_decays", "ema_warmup")
+METHOD_KEYS = ("recipe", "loss", "s0", "s1", "ema_decays", "ema_warmup")
 
 
 def load_preset(path: str) -> dict:
@@ -29,11 +28,12 @@ def preset_channels(config: dict) -> int:
 
 def build_module(config: dict, **overrides) -> ConsistencyTrainingModule:
     """The preset's network and recipe (seeded), with its Adam learning rate and no LR schedule."""
-    model = {k: v for k, v in config["model"].items() if k in NETWORK_KEYS}
-    lr = config["model"].get("optimizer", {}).get("init_args", {}).get("lr", 1e-4)
+    init = config["model"]["init_args"]
+    lr = init.get("optimizer", {}).get("init_args", {}).get("lr", 1e-4)
     torch.manual_seed(0)
+    net = UNet(image_size=32, channels=preset_channels(config), **init["net"]["init_args"])
     return ConsistencyTrainingModule(
-        image_size=32, channels=preset_channels(config), **{**model, "eval_weights": "online", **overrides},
+        net=net, **{**{k: v for k, v in init.items() if k in METHOD_KEYS}, "eval_weights": "online", **overrides},
         optimizer=lambda p: torch.optim.Adam(p, lr=lr),
     )
 

@@ -16,7 +16,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, Trainer
 from torchvision.utils import save_image
 

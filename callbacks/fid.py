@@ -27,6 +27,7 @@ class FID(Callback):
         num_samples: int = 10000,
         test_num_samples: int | None = None,
         samplers: list[list[float] | str] | None = None,
+        test_samplers: list[list[float] | str] | None = None,
         feature: str | nn.Module = "mnist",
         inception_weights: str | None = None,
         batch_size: int = 500,
@@ -39,6 +40,7 @@ class FID(Callback):
             test_num_samples: the same for ``test``; None uses ``num_samples``.
             samplers: one FID each, logged as fid_<name>: a σ list ([80.0] is fid_1step, [80.0, 0.8] fid_2step)
                 or "heun<N>" / "euler<N>" (fid_heun18); None: the model's own (``eval_samplers``).
+            test_samplers: the same for ``test``; None uses ``samplers``.
             feature: "mnist" (the shipped classifier; comparable only with itself), "inception" (2048-d pool3),
                 or any nn.Module mapping images in [-1, 1], (N, C, H, W), to features (N, d).
             inception_weights: local Inception weights file for offline machines (torchmetrics' format).
@@ -54,22 +56,23 @@ class FID(Callback):
             raise ValueError(f"feature must be one of {FEATURES} or an nn.Module, got {feature!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if samplers is not None:
-            names = [parse_sampler(s).name for s in samplers]
+        for given in (samplers, test_samplers):
+            names = [parse_sampler(s).name for s in given] if given is not None else ["default"]
             if not names or len(set(names)) != len(names):
-                raise ValueError(f"samplers must be non-empty with distinct names (σ lists of distinct lengths), got {samplers}")
+                raise ValueError(f"samplers must be non-empty with distinct names (σ lists of distinct lengths), got {given}")
         self.num_samples, self.test_num_samples = num_samples, test_num_samples
-        self.samplers, self.feature = samplers, feature
+        self.samplers, self.test_samplers, self.feature = samplers, test_samplers, feature
         self.inception_weights, self.batch_size, self.seed, self.weights = inception_weights, batch_size, seed, weights
         self._metrics: dict[str, FrechetInceptionDistance] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.samplers = self.samplers or pl_module.eval_samplers
-        pl_module.check_sampling(self.samplers, self.weights)
+        given = self.test_samplers if stage == "test" and self.test_samplers else self.samplers
+        self._samplers = given or pl_module.eval_samplers
+        pl_module.check_sampling(self._samplers, self.weights)
         shape = pl_module.image_shape
         if self.feature == "mnist" and shape[0] != 1:
             raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={shape[0]}")
-        self._metrics = {pl_module.sampler(s).name: self._metric(shape) for s in self.samplers}
+        self._metrics = {pl_module.sampler(s).name: self._metric(shape) for s in self._samplers}
 
     def _metric(self, image_shape: tuple[int, int, int] = (1, 32, 32)) -> FrechetInceptionDistance:
         if isinstance(self.feature, nn.Module):  # torchmetrics probes the feature size with one image
@@ -102,7 +105,7 @@ class FID(Callback):
                     m.update(x, real=True)
         per_rank = -(-num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
         first, last = trainer.global_rank * per_rank, min(num_samples, (trainer.global_rank + 1) * per_rank)
-        for (name, metric), spec in zip(self._metrics.items(), self.samplers):
+        for (name, metric), spec in zip(self._metrics.items(), self._samplers):
             metric.reset()  # fake statistics only
             for start in range(first, last, self.batch_size):
                 count = min(self.batch_size, last - start)

@@ -45,8 +45,8 @@ class SampleGrid(Callback):
         self._last_written = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.samplers = self.samplers or pl_module.eval_samplers
-        pl_module.check_sampling(self.samplers, self.weights)  # before training, not at step N
+        self._samplers = self.samplers or pl_module.eval_samplers
+        pl_module.check_sampling(self._samplers, self.weights)  # before training, not at step N
         # trainer.log_dir is a broadcast: every rank must ask, here, not rank zero alone later on
         self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
@@ -67,7 +67,7 @@ class SampleGrid(Callback):
             return
         self._last_written = step
         self.folder.mkdir(parents=True, exist_ok=True)
-        for spec in self.samplers:
+        for spec in self._samplers:
             x = pl_module.sample(self.num_samples, spec, weights=self.weights, seed=self.seed)
             grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), normalize=True, value_range=(-1, 1))
             name = spec if isinstance(spec, str) else "sigmas_" + "-".join(f"{s:g}" for s in spec)
