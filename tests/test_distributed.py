@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import FID
-from cm_lightning import ConsistencyTrainingModule
+from cm_lightning import ConsistencyTrainingModule, DiffusionModule
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, tiny, tiny_args, tiny_net
@@ -64,6 +64,33 @@ def test_ddp_spawn_ranks_share_weights_and_curriculum_but_not_noise(tmp_path):
     assert all(not torch.equal(z0, z1) for (z0, _), (z1, _) in zip(r0["draws"], r1["draws"]))
     sigmas0, sigmas1 = (torch.cat([s for _, s in r["draws"][1:]]) for r in (r0, r1))  # step 0 has one pair: N(0) = 2
     assert not torch.equal(sigmas0, sigmas1)
+
+
+class RecordingDiffusion(DiffusionModule):
+    """Keeps the first noise value of every training batch, and writes its state at the end of training."""
+
+    def losses(self, x):
+        with torch.random.fork_rng():
+            self.draws.append(torch.randn(1).item())  # the first draw of this batch's seeded stream
+        return super().losses(x)
+
+    def on_train_end(self):
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        torch.save({"state": state, "draws": self.draws}, self.folder / f"rank{self.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_spawn_diffusion_ranks_share_weights_but_not_noise(tmp_path):
+    torch.manual_seed(0)
+    m = tiny(RecordingDiffusion, dropout=0.1, ema_decays=[0.9])
+    m.draws, m.folder = [], tmp_path
+    initial = m.state_dict()["ema.0.net.out.2.weight"].clone()
+    data = DataLoader(torch.rand(32, 1, 16, 16) * 2 - 1, batch_size=4, shuffle=True)
+    make_trainer(tmp_path, max_steps=2, strategy="ddp_spawn", devices=2).fit(m, data)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert max((r0["state"][k] - r1["state"][k]).abs().max().item() for k in r0["state"]) == 0.0
+    assert not torch.equal(r0["state"]["ema.0.net.out.2.weight"], initial)
+    assert len(r0["draws"]) == 2 and all(a != b for a, b in zip(r0["draws"], r1["draws"]))
 
 
 class Pixels(nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cm_lightning import DiffusionModule
 from cm_lightning.unet import FourierEmbedding, PositionalEmbedding
 from tests.helpers import make_trainer, randomise, tiny
 
@@ -25,6 +26,20 @@ def test_bf16_loss_is_float32_finite_and_close_to_float32():
     full, mixed = loss_on_fixed_batch(m, False), loss_on_fixed_batch(m, True)
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
     assert abs(mixed - full) / full < 0.01  # measured 7e-4 relative
+
+
+def test_bf16_edm_loss_is_float32_and_close_to_float32():
+    torch.manual_seed(0)
+    m = tiny(DiffusionModule)
+    randomise(m.online)
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 60.0])
+    noise = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    full = m.objective.loss(m.online, x, sigma, noise).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m.objective.loss(m.online, x, sigma, noise).mean()
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    assert abs(mixed - full) / full < 0.01
 
 
 @pytest.mark.parametrize("embedding", [FourierEmbedding(16), PositionalEmbedding(16)])

@@ -216,3 +216,19 @@ def test_sigkill_during_predict_leaves_only_complete_files(trained_run, fake_mni
     assert 200 <= len(pngs) < 100000 and not (out / "samples.npz").exists()  # no .npz passed off as complete
     for png in pngs:  # every file under a final name decodes: nothing half-written
         assert decode_png(read_file(str(png))).shape == (1, 32, 32)
+
+
+@pytest.mark.slow
+def test_a_resumed_diffusion_run_matches_the_straight_run(fake_mnist, tmp_path):
+    def args(save_dir: Path, steps: int, *extra: str) -> list[str]:
+        return ["fit", *tiny_args(fake_mnist, "DiffusionModule"), "--model.net.dropout=0.1", "--model.ema_decays=[0.9]",
+                "--model.lr_scheduler=cm_lightning.lr_schedules.CosineDecay", "--model.lr_scheduler.total_steps=10",
+                f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=4",
+                f"--trainer.logger.init_args.save_dir={save_dir}", *extra]
+
+    main(args(tmp_path / "straight", 2 * K))
+    main(args(tmp_path / "split", K))
+    main(args(tmp_path / "split", 2 * K, "--seed_everything=7", "--ckpt_path=last"))
+    straight, resumed = (run_dir(tmp_path / d) / "checkpoints" / "last.ckpt" for d in ("straight", "split"))
+    assert torch.load(resumed, weights_only=True)["global_step"] == 2 * K
+    assert max_weight_difference(straight, resumed) == 0.0  # online and EMA; dropout masks and noise included
