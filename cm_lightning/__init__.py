@@ -1,6 +1,7 @@
 """cm-lightning: consistency models (CT, iCT) and their EDM diffusion teacher for PyTorch Lightning."""
 
-from cm_lightning.base import GenerativeModule, SamplingModule
+from cm_lightning.base import GenerativeModule
+from cm_lightning.networks import SamplingModule
 from cm_lightning.checkpoint_io import latest_checkpoint
 from cm_lightning.consistency import ConsistencyFunction, EDMDenoiser, indexed_noise, multistep_sample
 from cm_lightning.diffusion import DiffusionModule

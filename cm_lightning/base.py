@@ -10,7 +10,7 @@ import copy
 import hashlib
 import warnings
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, seed_everything
@@ -23,41 +23,9 @@ from cm_lightning.ema import ema_decay, update_ema, validate_decays
 from cm_lightning.karras import validate_sigma_range
 from cm_lightning.lr_schedules import CosineDecay
 from cm_lightning.sampling import Sampler, parse_sampler
-from cm_lightning.unet import UNet
+from cm_lightning.networks import SamplerSpec, build_network, network_config
 
-SamplerSpec = list[float] | str
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # Lightning's, on its allowlist
-
-
-@runtime_checkable
-class SamplingModule(Protocol):
-    """What the callbacks (grids, FID, sample writer) rely on, for every method."""
-
-    image_shape: tuple[int, int, int]
-
-    def check_sampling(self, samplers: Sequence[SamplerSpec], weights: str | None) -> None: ...
-
-    def sampler(self, spec: SamplerSpec | Sampler | None) -> Sampler: ...
-
-    def sample(self, num_samples: int, sampler=None, generator=None, weights=None, seed=None, first_index=0) -> Tensor: ...
-
-
-def network_config(net: nn.Module) -> dict:
-    """A network's class and arguments as plain data, for ``hparams`` (and so ``load_from_checkpoint``)."""
-    return {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": dict(getattr(net, "init_args", {}))}
-
-
-def build_network(net: nn.Module | dict | None) -> nn.Module:
-    """The network from an instance, a {"class_path", "init_args"} dict (as checkpoints store it), or None (UNet())."""
-    if net is None:
-        return UNet()
-    if isinstance(net, dict):
-        from lightning.pytorch.cli import instantiate_class
-
-        return instantiate_class((), {"class_path": net["class_path"], "init_args": net.get("init_args", {})})
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"net must be an nn.Module (or its class_path/init_args config), got {type(net).__name__}")
-    return net
 
 
 class GenerativeModule(LightningModule):
