@@ -22,8 +22,8 @@ from cm_lightning.consistency import indexed_noise
 from cm_lightning.ema import ema_decay, update_ema, validate_decays
 from cm_lightning.karras import validate_sigma_range
 from cm_lightning.lr_schedules import CosineDecay
-from cm_lightning.sampling import Sampler, parse_sampler
 from cm_lightning.networks import SamplerSpec, build_network, network_config
+from cm_lightning.sampling import Sampler, parse_sampler
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # Lightning's, on its allowlist
 
@@ -108,7 +108,7 @@ class GenerativeModule(LightningModule):
         raise NotImplementedError
 
     def losses(self, x: Tensor) -> Tensor:
-        """Per-sample training losses of a clean batch at ``self.global_step``, noise from torch's RNG."""
+        """Training losses of a clean batch at ``self.global_step`` (per sample, or their mean); noise from torch's RNG."""
         raise NotImplementedError
 
     def validation_loss(self, x: Tensor, index: Tensor) -> Tensor:
