@@ -72,3 +72,18 @@ def test_mnist_features_need_one_channel(tmp_path, fake_mnist):
     m = tiny(image_size=32, channels=3)
     with pytest.raises(ValueError, match="feature='mnist' needs 1-channel images, the model has channels=3"):
         FID().setup(None, m, "fit")
+
+
+@pytest.mark.slow
+def test_test_samplers_replace_the_validation_ones_in_test(tmp_path, fake_mnist):
+    from cm_lightning import DiffusionModule
+
+    torch.manual_seed(0)
+    m = tiny(DiffusionModule, image_size=32, channels=1, eval_weights="online", ema_decays=[])
+    dm = MNISTDataModule(str(fake_mnist), batch_size=8, val_fraction=0.25)
+    fid = FID(num_samples=8, batch_size=8, samplers=["heun2"], test_samplers=["heun3", "euler2"])
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=1, val_check_interval=1, callbacks=[fid])
+    trainer.fit(m, datamodule=dm)
+    assert "val/fid_heun2" in trainer.callback_metrics and "val/fid_heun3" not in trainer.callback_metrics
+    results = trainer.test(m, datamodule=dm, verbose=False)[0]
+    assert {"test/fid_heun3", "test/fid_euler2"} <= set(results) and "test/fid_heun2" not in results
