@@ -8,8 +8,6 @@ and any image DataModule.
 import shutil
 from pathlib import Path
 
-import torch
-
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -17,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
 from cm_lightning.base import GenerativeModule
 from cm_lightning.checkpoint_io import latest_checkpoint
-from cm_lightning.upgrade import is_legacy
+from cm_lightning.upgrade import is_legacy_file
 from datamodules import ImageDataModule
 
 
@@ -76,16 +74,18 @@ class ConsistencyCLI(LightningCLI):
             logger.init_args.save_dir = cfg.trainer.default_root_dir  # runs go where the user said
         if cfg.get("ckpt_path") == "last" and not (subcommand == "fit" and cfg.checkpoint.dirpath):
             self._use_latest_run(subcommand, cfg, logger)  # (a fixed checkpoint folder: Lightning finds last.ckpt itself)
-        if cfg.get("ckpt_path") and Path(cfg.ckpt_path).is_file():
-            if is_legacy(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})):
-                raise ValueError(
-                    f"{cfg.ckpt_path} was written by cm-lightning 0.1, before the network became --model.net. "
-                    f"Convert it (the old file is kept): python -m cm_lightning.upgrade {cfg.ckpt_path} <new>.ckpt"
-                )
         model = cfg.get("model")
         init_args = model.get("init_args", {}) if model is not None else {}
         chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in init_args}
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except (SystemExit, Exception):  # only then is the file read again, to explain a 0.1 checkpoint
+            if is_legacy_file(cfg.get("ckpt_path")):
+                raise ValueError(
+                    f"{cfg.ckpt_path} was written by cm-lightning 0.1, before the network became --model.net. "
+                    f"Convert it (the old file is kept): python -m cm_lightning.upgrade {cfg.ckpt_path} <new>.ckpt"
+                ) from None
+            raise
         for key, value in chosen.items():
             self.config[subcommand].model.init_args[key] = value
 

@@ -57,8 +57,7 @@ class FID(Callback):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for given in (samplers, test_samplers):
-            names = [parse_sampler(s).name for s in given] if given is not None else ["default"]
-            if not names or len(set(names)) != len(names):
+            if given is not None and (not given or len({parse_sampler(s).name for s in given}) != len(given)):
                 raise ValueError(f"samplers must be non-empty with distinct names (σ lists of distinct lengths), got {given}")
         self.num_samples, self.test_num_samples = num_samples, test_num_samples
         self.samplers, self.test_samplers, self.feature = samplers, test_samplers, feature

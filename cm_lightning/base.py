@@ -172,9 +172,15 @@ class GenerativeModule(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's, also for checkpoints of cm-lightning 0.1 (upgraded in memory, see ``upgrade``)."""
-        from cm_lightning.upgrade import upgraded_file
+        """Lightning's, also for checkpoints of cm-lightning 0.1 (upgraded in memory, see ``upgrade``); only a
+        load that fails reads the file a second time to see whether it is one."""
+        from cm_lightning.upgrade import is_legacy_file, upgraded_file
 
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except Exception:
+            if not is_legacy_file(checkpoint_path):
+                raise
         return super().load_from_checkpoint(upgraded_file(checkpoint_path), *args, **kwargs)
 
     @classmethod

@@ -30,11 +30,10 @@ class DiffusionModule(GenerativeModule):
             **kwargs: the settings every method shares (GenerativeModule): σ range, EMAs, sampling,
                 optimizer, ...
         """
-        objective = EDMLoss(p_mean, p_std, kwargs.get("sigma_data", 0.5))
         if val_num_sigmas < 1:
             raise ValueError(f"val_num_sigmas must be >= 1, got {val_num_sigmas}")
         super().__init__(net=net, **kwargs)
-        self.objective = objective
+        self.objective = EDMLoss(p_mean, p_std, self.hparams.sigma_data)
 
     def wrap(self, net: nn.Module) -> EDMDenoiser:
         return EDMDenoiser(net, self.hparams.sigma_data)

@@ -41,15 +41,17 @@ def upgraded(checkpoint: dict) -> dict:
     return checkpoint
 
 
-def upgraded_file(path) -> io.BytesIO | str | Path:
-    """``path`` itself when it needs no upgrade, else the upgraded checkpoint as an in-memory file."""
-    if not isinstance(path, (str, Path)) or "://" in str(path):
-        return path
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not is_legacy(checkpoint.get("hyper_parameters", {})):
-        return path
+def is_legacy_file(path) -> bool:
+    """Whether the checkpoint file at ``path`` is in the 0.1 layout (read only when loading it failed)."""
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return False
+    return is_legacy(torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {}))
+
+
+def upgraded_file(path) -> io.BytesIO:
+    """The checkpoint at ``path`` with upgraded hyper-parameters, as an in-memory file."""
     buffer = io.BytesIO()
-    torch.save(upgraded(checkpoint), buffer)
+    torch.save(upgraded(torch.load(path, map_location="cpu", weights_only=True)), buffer)
     buffer.seek(0)
     return buffer
 
