@@ -47,7 +47,10 @@ class SaveFitConfig(SaveConfigCallback):
 RUNS = "runs"
 
 # Settings that say how to use a trained network, not what it is: the user's value beats the checkpoint's.
-EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "clip_denoised", "val_num_scales", "val_num_sigmas")
+EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "clip_denoised", "val_num_scales", "val_num_sigmas",
+                   "allow_teacher_change")
+# Given on the command line, these beat the checkpoint's too (a moved teacher file; its hash is still checked).
+PATH_ARGS = ("teacher",)
 
 
 class ConsistencyCLI(LightningCLI):
@@ -77,6 +80,7 @@ class ConsistencyCLI(LightningCLI):
         model = cfg.get("model")
         init_args = model.get("init_args", {}) if model is not None else {}
         chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in init_args}
+        chosen |= {k: init_args[k] for k in PATH_ARGS if init_args.get(k) is not None}
         try:
             super()._parse_ckpt_path()
         except (SystemExit, Exception):  # only then is the file read again, to explain a 0.1 checkpoint

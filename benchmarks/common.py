@@ -13,6 +13,9 @@ import yaml
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch.cli import instantiate_class  # noqa: E402
+
 from cm_lightning import ConsistencyTrainingModule, UNet  # noqa: E402
 
 METHOD_KEYS = ("recipe", "loss", "s0", "s1", "ema_decays", "ema_warmup")
@@ -36,6 +39,39 @@ def build_module(config: dict, **overrides) -> ConsistencyTrainingModule:
         net=net, **{**{k: v for k, v in init.items() if k in METHOD_KEYS}, "eval_weights": "online", **overrides},
         optimizer=lambda p: torch.optim.Adam(p, lr=lr),
     )
+
+
+def build_preset_module(config: dict, **overrides):
+    """Any preset's module (its class, network, method settings and optimizer), seeded, with no LR schedule.
+
+    Built without the CLI (and so without its data and callbacks), for speed measurements.
+    """
+    init = dict(config["model"]["init_args"])
+    net_config, optimizer = init.pop("net"), init.pop("optimizer", None)
+    init.pop("lr_scheduler", None)
+    torch.manual_seed(0)
+    net_args = {**net_config["init_args"], "image_size": 32, "channels": preset_channels(config)}
+    net = instantiate_class((), {"class_path": net_config["class_path"], "init_args": net_args})
+    module, _, name = config["model"]["class_path"].rpartition(".")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    factory = (lambda p: instantiate_class((p,), optimizer)) if optimizer else None
+    return cls(net=net, optimizer=factory, **{**init, **overrides})
+
+
+class StepTimer(Callback):
+    """Wall time of the training steps after the first ``warmup`` ones (compilation happens there)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        sync(pl_module.device)
+        self.end = time.perf_counter()
 
 
 def sync(device: torch.device) -> None:

@@ -16,29 +16,15 @@ import argparse
 import time
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import build_module, load_preset, machine, matmul_peak, median, preset_channels, sync, timed, write_result
+from common import StepTimer, build_module, load_preset, machine, matmul_peak, median, preset_channels, sync, timed, write_result
 from cm_lightning.ema import ema_decay, update_ema
 from cm_lightning.karras import c_noise, karras_sigmas
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-class StepTimer(Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            sync(pl_module.device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        sync(pl_module.device)
-        self.end = time.perf_counter()
 
 
 def lightning_run(args, config, data, device) -> float:

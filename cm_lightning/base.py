@@ -111,8 +111,8 @@ class GenerativeModule(LightningModule):
         """Training losses of a clean batch at ``self.global_step`` (per sample, or their mean); noise from torch's RNG."""
         raise NotImplementedError
 
-    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor:
-        """A loss on fixed noise levels and noise (image ``index[j]`` seeded by that index)."""
+    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor | None:
+        """A loss on fixed noise levels and noise (image ``index[j]`` seeded by that index); None if unavailable."""
         raise NotImplementedError
 
     def averaged_networks(self) -> list[tuple[nn.Module, float]]:
@@ -297,17 +297,19 @@ class GenerativeModule(LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_seen = 0
 
-    def _eval_loss(self, batch) -> Tensor:
+    def _log_eval_loss(self, name: str, batch) -> None:
         x = images_of(batch)
         index = torch.arange(self._eval_seen, self._eval_seen + len(x))
         self._eval_seen += len(x)
-        return self.validation_loss(x, index).mean()
+        loss = self.validation_loss(x, index)
+        if loss is not None:  # None: the method cannot compute it here (CD without its teacher file)
+            self.log(name, loss.mean(), prog_bar=name == "val/loss", sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.log("val/loss", self._eval_loss(batch), prog_bar=True, sync_dist=True)
+        self._log_eval_loss("val/loss", batch)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.log("test/loss", self._eval_loss(batch), sync_dist=True)
+        self._log_eval_loss("test/loss", batch)
 
     # -- sampling -----------------------------------------------------------------------------
 

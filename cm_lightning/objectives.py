@@ -12,24 +12,35 @@ from torch import Tensor, nn
 
 from cm_lightning.karras import karras_sigmas
 from cm_lightning.recipes import Recipe
+from cm_lightning.sampling import ode_step
 
 Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+def consistency_distance(
+    student: nn.Module, target: nn.Module, x_student: Tensor, sigma_student: Tensor, x_target: Tensor,
+    sigma_target: Tensor, weight: Tensor, metric: Metric,
+) -> Tensor:
+    """λ d(f_θ(x_student, σ_student), sg f_θ⁻(x_target, σ_target)) per sample: the loss of every consistency method.
+
+    The target forward replays the student's RNG state, so with dropout both see the same mask.
+    """
+    device = x_student.device
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        out = student(x_student, sigma_student)
+    with torch.no_grad():  # the RNG is back where the student's forward found it
+        ref = target(x_target, sigma_target)
+    return weight * metric(out, ref)
 
 
 def consistency_loss(
     student: nn.Module, target: nn.Module, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor,
     weight: Tensor, metric: Metric,
 ) -> Tensor:
-    """λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)) per sample (CM eq. 10; iCT eq. 9).
-
-    The target forward replays the student's RNG state, so with dropout both see the same mask.
-    """
-    device = x.device
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-        out = student(x + _bcast(sigma_next) * z, sigma_next)
-    with torch.no_grad():  # the RNG is back where the student's forward found it
-        ref = target(x + _bcast(sigma_n) * z, sigma_n)
-    return weight * metric(out, ref)
+    """λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)) per sample (CM eq. 10; iCT eq. 9)."""
+    return consistency_distance(
+        student, target, x + _bcast(sigma_next) * z, sigma_next, x + _bcast(sigma_n) * z, sigma_n, weight, metric
+    )
 
 
 class ConsistencyTraining:
@@ -88,6 +99,42 @@ class EDMLoss:
         """σ at the quantiles (i + ½)/count of the training law: validation noise levels that do not change."""
         quantiles = (torch.arange(count, dtype=torch.float64) + 0.5) / count
         return (self.p_mean + self.p_std * math.sqrt(2) * torch.erfinv(2 * quantiles - 1)).exp()
+
+
+class ConsistencyDistillation:
+    """Consistency distillation (CM paper, Algorithm 2): N Karras levels σ_1 < … < σ_N, n uniform on
+    {1, …, N − 1}, x_{n+1} = x + σ_{n+1} z, one Heun (or Euler) step of the teacher's probability-flow ODE
+    from σ_{n+1} to σ_n gives x̂_n, and the loss is d(f_θ(x_{n+1}, σ_{n+1}), sg f_θ⁻(x̂_n, σ_n)) with λ ≡ 1."""
+
+    def __init__(self, metric: Metric, num_scales: int, sigma_min: float, sigma_max: float, rho: float, heun: bool = True):
+        if num_scales < 2:
+            raise ValueError(f"num_scales must be >= 2 (CD needs at least one pair of levels), got {num_scales}")
+        self.metric, self.heun = metric, heun
+        self.sigmas = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
+
+    def draw(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, σ_n, σ_{n+1}) for a batch: n uniform over the N − 1 adjacent pairs, z ~ N(0, I)."""
+        n = torch.randint(0, len(self.sigmas) - 1, (len(x),))
+        sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in (self.sigmas[n], self.sigmas[n + 1]))
+        return torch.randn_like(x), sigma_n, sigma_next
+
+    def pair(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(σ_n, σ_{n+1}) of pair n = index mod (N − 1): fixed levels for a validation loss."""
+        n = index % (len(self.sigmas) - 1)
+        return self.sigmas[n].float(), self.sigmas[n + 1].float()
+
+    def loss(
+        self, student: nn.Module, target: nn.Module, teacher: nn.Module, x: Tensor, z: Tensor, sigma_n: Tensor,
+        sigma_next: Tensor,
+    ) -> Tensor:
+        """Per-sample d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x̂_n, σ_n)), x̂_n the teacher's ODE step (no gradient)."""
+        x_next = x + _bcast(sigma_next) * z
+        with torch.no_grad():
+            x_hat = ode_step(teacher, x_next, sigma_next, sigma_n, heun=self.heun)
+        return consistency_distance(student, target, x_next, sigma_next, x_hat, sigma_n, 1.0, self.metric)
+
+    def __call__(self, online: nn.Module, target: nn.Module, teacher: nn.Module, x: Tensor) -> Tensor:
+        return self.loss(online, target, teacher, x, *self.draw(x))
 
 
 def _bcast(sigma: Tensor) -> Tensor:

@@ -28,23 +28,33 @@ def edm_time_steps(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: floa
     return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
 
 
+def ode_step(denoiser: Network, x: Tensor, t_cur: Tensor, t_next: Tensor, heun: bool = True) -> Tensor:
+    """One step of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ from t_cur to t_next (EDM Algorithm 1).
+
+    d = (x − D(x, t_cur))/t_cur, x' = x + (t_next − t_cur) d (Euler); with ``heun`` also
+    d' = (x' − D(x', t_next))/t_next and x' = x + (t_next − t_cur)(d + d')/2, which needs t_next > 0.
+    ``t_cur`` and ``t_next`` hold one σ per sample (B,).
+    """
+    tc, tn = t_cur.reshape(-1, 1, 1, 1), t_next.reshape(-1, 1, 1, 1)
+    d = (x - denoiser(x, t_cur)) / tc
+    x_next = x + (tn - tc) * d
+    if not heun:
+        return x_next
+    d_next = (x_next - denoiser(x_next, t_next)) / tn
+    return x + (tn - tc) * (d + d_next) / 2
+
+
 @torch.no_grad()
 def ode_sample(denoiser: Network, noise: Tensor, t: Tensor, heun: bool = True) -> Tensor:
     """Deterministic probability-flow ODE solve from x_0 = t_0 z (EDM Algorithm 1; ``heun=False``: Euler).
 
-    d = (x − D(x, t_i))/t_i; x' = x + (t_{i+1} − t_i) d; with Heun, when t_{i+1} > 0, also
-    d' = (x' − D(x', t_{i+1}))/t_{i+1} and x' = x + (t_{i+1} − t_i)(d + d')/2. N time steps cost
+    ``ode_step`` from each t_i to t_{i+1}; the last step, to t_N = 0, is Euler. N time steps cost
     2N − 1 network evaluations with Heun and N with Euler. ``noise`` is z (B, C, H, W).
     """
     ones = noise.new_ones(noise.shape[0])
     x = noise * t[0].item()
     for t_cur, t_next in zip(t[:-1].tolist(), t[1:].tolist()):
-        d = (x - denoiser(x, t_cur * ones)) / t_cur
-        x_next = x + (t_next - t_cur) * d
-        if heun and t_next > 0:
-            d_next = (x_next - denoiser(x_next, t_next * ones)) / t_next
-            x_next = x + (t_next - t_cur) * (d + d_next) / 2
-        x = x_next
+        x = ode_step(denoiser, x, t_cur * ones, t_next * ones, heun=heun and t_next > 0)
     return x
 
 

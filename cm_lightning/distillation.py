@@ -1,0 +1,161 @@
+"""ConsistencyDistillationModule: consistency distillation (CD) from a trained EDM teacher, thin.
+
+The objective is ``objectives.ConsistencyDistillation``; the teacher D_φ is read from a DiffusionModule
+checkpoint (``teacher.read_diffusion_checkpoint``: weights only, hashed), frozen, kept out of the
+module's state (checkpoints name it by path and hash), and moved to the student's device when used.
+Everything else (network, EMAs, sampling, checkpoints) comes from ``GenerativeModule``.
+"""
+
+import copy
+from typing import Literal
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from cm_lightning.base import GenerativeModule
+from cm_lightning.consistency import ConsistencyFunction, EDMDenoiser, indexed_noise
+from cm_lightning.losses import METRICS
+from cm_lightning.objectives import ConsistencyDistillation
+from cm_lightning.teacher import DiffusionWeights, network_differences, read_diffusion_checkpoint
+
+
+class ConsistencyDistillationModule(GenerativeModule):
+    """Consistency distillation of f_θ from a frozen diffusion teacher D_φ (CM paper, Algorithm 2)."""
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        teacher: str | None = None,
+        teacher_weights: str | None = None,
+        num_scales: int = 18,
+        solver: Literal["heun", "euler"] = "heun",
+        loss: Literal["l2", "l1", "pseudo_huber"] = "l2",
+        mu: float = 0.0,
+        allow_teacher_change: bool = False,
+        **kwargs,
+    ):
+        """
+        Args:
+            net: the student's network F_θ, with the teacher's settings (its weights start from the teacher's);
+                see GenerativeModule.
+            teacher: path of the DiffusionModule checkpoint to distil (read with weights_only=True when
+                ``fit`` starts; not needed to sample or test the student).
+            teacher_weights: which of the teacher's networks: "online", "ema", "ema_<decay>"; None takes
+                the teacher's own eval_weights.
+            num_scales: N, the number of Karras levels the σ pairs are drawn from (CM paper: 18 on CIFAR-10).
+            solver: the teacher's ODE step from σ_n+1 to σ_n: "heun" (2 teacher evaluations, the paper's) or "euler" (1).
+            loss: distance d: "l2" (squared, the paper's non-LPIPS choice), "l1" or "pseudo_huber" (iCT's).
+            mu: fixed target decay μ of θ⁻ ← μ θ⁻ + (1 − μ) θ (paper: 0, stop-gradient, on CIFAR-10; 0.95 on
+                ImageNet 64).
+            allow_teacher_change: resume even if the teacher file differs from the one the run started with.
+            **kwargs: the settings every method shares (GenerativeModule): σ range, EMAs, sampling,
+                optimizer, ...
+        """
+        if solver not in ("heun", "euler"):
+            raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+        if loss not in METRICS:
+            raise ValueError(f"loss must be one of {tuple(METRICS)}, got {loss!r}")
+        if not 0 <= mu < 1:
+            raise ValueError(f"mu must lie in [0, 1) (0 is stop-gradient), got {mu}")
+        super().__init__(net=net, **kwargs)
+        h = self.hparams
+        self.objective = ConsistencyDistillation(METRICS[loss], num_scales, h.sigma_min, h.sigma_max, h.rho, solver == "heun")
+        self.target = copy.deepcopy(self.online).requires_grad_(False) if mu > 0 else None  # μ = 0: sg(θ) itself
+        self._teacher: EDMDenoiser | None = None  # not a submodule: never in the state dict, the optimizer or DDP
+        self._teacher_sha256: str | None = None
+        self._started_from_teacher = False
+
+    def wrap(self, net: nn.Module) -> ConsistencyFunction:
+        return ConsistencyFunction(net, self.hparams.sigma_min, self.hparams.sigma_data)
+
+    @classmethod
+    def structure_of(cls, hparams: dict) -> dict:
+        out = super().structure_of(hparams)
+        if "mu" in hparams:
+            out["target network (mu > 0)"] = hparams["mu"] > 0
+        return out
+
+    def networks(self) -> list[nn.Module]:
+        return super().networks() + ([self.target] if self.target is not None else [])
+
+    def averaged_networks(self) -> list[tuple[nn.Module, float]]:
+        """The EMAs, and θ⁻ ← μ θ⁻ + (1 − μ) θ with the fixed μ."""
+        return super().averaged_networks() + ([(self.target, self.hparams.mu)] if self.target is not None else [])
+
+    # -- the teacher --------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.load_teacher()
+            if not self._started_from_teacher:  # a resumed run's weights then come from its checkpoint
+                for f in self.networks():
+                    f.net.load_state_dict(self._teacher.net.state_dict())
+                self._started_from_teacher = True
+        elif stage in ("validate", "test") and self._teacher is None:
+            try:
+                self.load_teacher()
+            except FileNotFoundError as err:
+                rank_zero_warn(f"{err}. The {stage} loss needs the teacher and is not logged; FID is unaffected.")
+
+    def load_teacher(self) -> None:
+        """Read the teacher file, refuse another network than the student's, freeze it."""
+        if self.hparams.teacher is None:
+            raise ValueError("consistency distillation needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
+        found: DiffusionWeights = read_diffusion_checkpoint(self.hparams.teacher, self.hparams.teacher_weights)
+        differ = network_differences(found.hparams, dict(self.hparams))
+        if differ:
+            raise ValueError(f"the teacher {self.hparams.teacher!r} has another network than the student: "
+                             + "; ".join(differ) + ". Give the student the teacher's settings (its config.yaml's model.init_args.net).")
+        teacher = EDMDenoiser(copy.deepcopy(self.online.net), found.hparams.get("sigma_data", 0.5))
+        teacher.net.load_state_dict(found.net_state)
+        if self.hparams.compile:
+            teacher.net.compile()
+        object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # bypass nn.Module registration
+        self._teacher_sha256 = found.sha256
+
+    def teacher(self) -> EDMDenoiser:
+        """The frozen teacher D_φ, on the student's device."""
+        if self._teacher is None:
+            raise RuntimeError("the teacher is not loaded: it is read when fit, validate or test starts (load_teacher())")
+        if next(self._teacher.parameters()).device != self.device:
+            self._teacher.to(self.device)
+        return self._teacher
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["teacher_sha256"] = self._teacher_sha256
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._started_from_teacher = True
+        saved, now = checkpoint.get("teacher_sha256"), self._teacher_sha256
+        if saved is None or now is None or saved == now:
+            return
+        message = (f"the teacher file {self.hparams.teacher!r} is not the one this run was distilled from "
+                   f"(sha256 {saved[:12]}… in the checkpoint, {now[:12]}… on disk)")
+        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.hparams.allow_teacher_change:
+            raise ValueError(f"{message}: restore that file, or resume from the new one on purpose with "
+                             "--model.allow_teacher_change true")
+        rank_zero_warn(message)
+
+    # -- training and validation ----------------------------------------------------------------
+
+    def losses(self, x: Tensor) -> Tensor:
+        z, self._sigma_n, self._sigma_next = self.objective.draw(x)
+        target = self.target if self.target is not None else self.online
+        return self.objective.loss(self.online, target, self.teacher(), x, z, self._sigma_n, self._sigma_next)
+
+    def describe_step(self) -> str:
+        return (f", with σ_n in [{self._sigma_n.min().item():.4g}, {self._sigma_n.max().item():.4g}] and σ_n+1 up to "
+                f"{self._sigma_next.max().item():.4g}")
+
+    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor | None:
+        """CD loss of the ``eval_weights`` network (as student and target) on fixed σ pairs (image i: pair
+        i mod (N − 1)) and noise seeded by i; None without a teacher."""
+        if self._teacher is None:
+            return None
+        sigma_n, sigma_next = (s.to(x.device) for s in self.objective.pair(index))
+        z = indexed_noise(0, index.tolist(), 1, x.shape[1:])[0].to(x.device)
+        f = self.network(self.hparams.eval_weights)
+        return self.objective.loss(f, f, self.teacher(), x, z, sigma_n, sigma_next)

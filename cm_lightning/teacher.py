@@ -1,0 +1,95 @@
+"""A diffusion checkpoint read as a teacher (CD) or a starting point (ECT): weights only, checked, hashed.
+
+The file is read once, with ``torch.load(weights_only=True)``, so a checkpoint from elsewhere cannot run
+code on load; only the network weights F_φ and the few hyper-parameters the student needs are kept. No
+class named in the file is imported: the student builds the teacher's network as a copy of its own and
+refuses a file whose network settings differ.
+"""
+
+import hashlib
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DIFFUSION = "cm_lightning.diffusion.DiffusionModule"
+HOW_TO_TRAIN = "train one with `cm-lightning fit --config configs/mnist_edm.yaml` (or cifar10_edm.yaml)"
+
+
+@dataclass(frozen=True)
+class DiffusionWeights:
+    """What a student keeps of a DiffusionModule checkpoint."""
+
+    path: Path
+    sha256: str
+    hparams: dict  # the teacher's hyper-parameters (plain data)
+    weights: str  # which of its networks: "online", "ema" or "ema_<decay>"
+    net_state: dict[str, Tensor]  # F_φ's state dict
+
+
+def read_diffusion_checkpoint(path: str | Path, weights: str | None = None, role: str = "teacher") -> DiffusionWeights:
+    """The network weights of a DiffusionModule checkpoint (``weights``: None takes its ``eval_weights``).
+
+    Refuses, naming the file, a missing file, a file that is not a checkpoint, and a checkpoint of
+    another kind (a consistency model, a 0.1 checkpoint).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"the {role} checkpoint {str(path)!r} does not exist: give the last.ckpt of a "
+                                f"DiffusionModule run ({HOW_TO_TRAIN})")
+    data = path.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"the {role} file {str(path)!r} is not a checkpoint that loads with weights_only=True: {err}") from err
+    del data
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    kind = hparams.get("_class_path")
+    if not _is_diffusion(kind):
+        what = f"a {kind.rsplit('.', 1)[-1]} checkpoint" if isinstance(kind, str) else "not a cm-lightning 0.2 checkpoint"
+        raise ValueError(f"the {role} {str(path)!r} is {what}; the {role} must be a DiffusionModule checkpoint ({HOW_TO_TRAIN})")
+    weights = weights or hparams.get("eval_weights", "online")
+    prefix = _prefix(weights, hparams.get("ema_decays", []), path, role)
+    state = checkpoint.get("state_dict", {})
+    net_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not net_state:
+        raise ValueError(f"the {role} {str(path)!r} holds no {weights!r} network weights (keys {prefix}*)")
+    keep = ("net", "sigma_data", "sigma_min", "sigma_max", "rho", "eval_weights", "ema_decays", "_class_path")
+    return DiffusionWeights(path, sha256, {k: hparams[k] for k in keep if k in hparams}, weights, net_state)
+
+
+def network_differences(teacher: dict, student: dict) -> list[str]:
+    """The network settings (class and arguments, dropout aside) and σ_data on which two modules' hparams differ."""
+    from cm_lightning.base import GenerativeModule
+
+    mine, theirs = GenerativeModule.structure_of(student), GenerativeModule.structure_of(teacher)
+    keys = sorted({k for k in mine | theirs if k.startswith("net")})
+    out = [f"{k}: teacher {theirs.get(k)!r}, student {mine.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
+    if teacher.get("sigma_data", 0.5) != student.get("sigma_data", 0.5):
+        out.append(f"sigma_data: teacher {teacher.get('sigma_data', 0.5)}, student {student.get('sigma_data', 0.5)}")
+    return out
+
+
+def _is_diffusion(kind) -> bool:
+    """The DiffusionModule or a subclass already imported by the user's code (nothing is imported from the file)."""
+    if kind == DIFFUSION:
+        return True
+    if not isinstance(kind, str) or "." not in kind:
+        return False
+    from cm_lightning.diffusion import DiffusionModule
+
+    module, _, name = kind.rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, DiffusionModule)
+
+
+def _prefix(weights: str, decays: list, path: Path, role: str) -> str:
+    names = {"online": "online.net."} | ({"ema": "ema.0.net."} if decays else {})
+    names |= {f"ema_{d}": f"ema.{i}.net." for i, d in enumerate(decays)}
+    if weights not in names:
+        raise ValueError(f"the {role} {str(path)!r} has no weights {weights!r}: choose one of {sorted(names)}")
+    return names[weights]
