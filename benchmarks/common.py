@@ -74,6 +74,20 @@ class StepTimer(Callback):
         self.end = time.perf_counter()
 
 
+def fit_speed(module, data, args, device: torch.device) -> float:
+    """Training images/s of ``Trainer.fit`` (logger, checkpoints, progress bar off) after ``args.warmup`` steps."""
+    from lightning.pytorch import Trainer
+
+    timer = StepTimer(args.warmup)
+    trainer = Trainer(
+        accelerator=device.type, devices=1, max_steps=args.steps, precision=args.precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, data)
+    return (args.steps - args.warmup) * args.batch_size / (timer.end - timer.start)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

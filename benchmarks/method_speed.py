@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from common import StepTimer, build_preset_module, load_preset, machine, median, preset_channels, timed, write_result
+from common import build_preset_module, fit_speed, load_preset, machine, median, preset_channels, timed, write_result
 
 
 def teacher_checkpoint(config_path: str, folder: Path) -> Path:
@@ -34,14 +33,7 @@ def teacher_checkpoint(config_path: str, folder: Path) -> Path:
 def train_speed(module, args, device: torch.device, channels: int) -> float:
     images = torch.rand(args.batch_size * (args.steps + 1), channels, 32, 32) * 2 - 1
     data = DataLoader(images, batch_size=args.batch_size, drop_last=True, pin_memory=device.type == "cuda")
-    timer = StepTimer(args.warmup)
-    trainer = Trainer(
-        accelerator=device.type, devices=1, max_steps=args.steps, precision=args.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[timer],
-    )
-    trainer.fit(module, data)
-    return (args.steps - args.warmup) * args.batch_size / (timer.end - timer.start)
+    return fit_speed(module, data, args, device)
 
 
 def sampling_speed(module, batch_size: int, device: torch.device, repeats: int) -> dict:

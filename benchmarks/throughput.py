@@ -16,11 +16,10 @@ import argparse
 import time
 
 import torch
-from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import StepTimer, build_module, load_preset, machine, matmul_peak, median, preset_channels, sync, timed, write_result
+from common import build_module, fit_speed, load_preset, machine, matmul_peak, median, preset_channels, sync, timed, write_result
 from cm_lightning.ema import ema_decay, update_ema
 from cm_lightning.karras import c_noise, karras_sigmas
 
@@ -28,15 +27,7 @@ AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.flo
 
 
 def lightning_run(args, config, data, device) -> float:
-    module = build_module(config, compile=args.compile)
-    timer = StepTimer(args.warmup)
-    trainer = Trainer(
-        accelerator=device.type, devices=1, max_steps=args.steps, precision=args.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[timer],
-    )
-    trainer.fit(module, data)
-    return (args.steps - args.warmup) * args.batch_size / (timer.end - timer.start)
+    return fit_speed(build_module(config, compile=args.compile), data, args, device)
 
 
 def plain_run(args, config, data, device) -> float:

@@ -95,6 +95,7 @@ class GenerativeModule(LightningModule):
         if net.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3 (greyscale or RGB images), got {net.channels}")
         self.online = self.wrap(net)
+        self.target: nn.Module | None = None  # θ⁻ of a method that averages one (CT, CD with μ > 0); see target_decay
         self.ema = nn.ModuleDict({str(i): copy.deepcopy(self.online).requires_grad_(False) for i in range(len(ema_decays))})
         self.network(eval_weights)  # refuse an unknown name now, not at the first validation
         self.sampler(predict_sampler)  # and a bad predict sampler
@@ -115,10 +116,16 @@ class GenerativeModule(LightningModule):
         """A loss on fixed noise levels and noise (image ``index[j]`` seeded by that index); None if unavailable."""
         raise NotImplementedError
 
+    def target_decay(self) -> float:
+        """μ of θ⁻ ← μ θ⁻ + (1 − μ) θ after the step just taken, for a method with a target network."""
+        raise NotImplementedError
+
     def averaged_networks(self) -> list[tuple[nn.Module, float]]:
-        """Every (network, decay β) to move as θ_avg ← β θ_avg + (1 − β) θ after optimizer step k."""
+        """Every (network, decay β) to move as θ_avg ← β θ_avg + (1 − β) θ after optimizer step k: the
+        evaluation EMAs, and the target θ⁻ if the method has one."""
         k = self.global_step  # the step just taken: Lightning counts it once ``optimizer_step`` returns
-        return [(ema, ema_decay(d, k, self.hparams.ema_warmup)) for d, ema in zip(self.hparams.ema_decays, self.ema.values())]
+        out = [(ema, ema_decay(d, k, self.hparams.ema_warmup)) for d, ema in zip(self.hparams.ema_decays, self.ema.values())]
+        return out + ([(self.target, self.target_decay())] if self.target is not None else [])
 
     def structure(self) -> dict:
         """Settings that decide the shape of the state dict (compared when a checkpoint is loaded)."""
@@ -202,8 +209,8 @@ class GenerativeModule(LightningModule):
             self._compiled = True
 
     def networks(self) -> list[nn.Module]:
-        """Every parametrised network the module holds: online, EMAs (and a method's own, such as θ⁻)."""
-        return [self.online, *self.ema.values()]
+        """Every parametrised network the module holds: online, EMAs and θ⁻ if there is one."""
+        return [self.online, *self.ema.values(), *([self.target] if self.target is not None else [])]
 
     def configure_callbacks(self) -> list[Callback]:
         """The module needs its non-finite guard to be correct, so it brings it itself."""

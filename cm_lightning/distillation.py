@@ -60,7 +60,8 @@ class ConsistencyDistillationModule(GenerativeModule):
         super().__init__(net=net, **kwargs)
         h = self.hparams
         self.objective = ConsistencyDistillation(METRICS[loss], num_scales, h.sigma_min, h.sigma_max, h.rho, solver == "heun")
-        self.target = copy.deepcopy(self.online).requires_grad_(False) if mu > 0 else None  # μ = 0: sg(θ) itself
+        if mu > 0:  # μ = 0: the target is sg(θ), the online network itself
+            self.target = copy.deepcopy(self.online).requires_grad_(False)
         self._teacher: EDMDenoiser | None = None  # not a submodule: never in the state dict, the optimizer or DDP
         self._teacher_sha256: str | None = None
         self._started_from_teacher = False
@@ -75,12 +76,9 @@ class ConsistencyDistillationModule(GenerativeModule):
             out["target network (mu > 0)"] = hparams["mu"] > 0
         return out
 
-    def networks(self) -> list[nn.Module]:
-        return super().networks() + ([self.target] if self.target is not None else [])
-
-    def averaged_networks(self) -> list[tuple[nn.Module, float]]:
-        """The EMAs, and θ⁻ ← μ θ⁻ + (1 − μ) θ with the fixed μ."""
-        return super().averaged_networks() + ([(self.target, self.hparams.mu)] if self.target is not None else [])
+    def target_decay(self) -> float:
+        """The fixed μ."""
+        return self.hparams.mu
 
     # -- the teacher --------------------------------------------------------------------------
 

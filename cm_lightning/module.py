@@ -64,7 +64,8 @@ class ConsistencyTrainingModule(GenerativeModule):
         self.metric = METRICS[loss or DEFAULTS[recipe]["loss"]]
         self.objective = ConsistencyTraining(self.recipe, self.metric, h.sigma_min, h.sigma_max, h.rho)
         # iCT's target is stop-gradient(θ): the online network itself, no copy (μ ≡ 0).
-        self.target = copy.deepcopy(self.online).requires_grad_(False) if recipe == "ct" else None
+        if recipe == "ct":
+            self.target = copy.deepcopy(self.online).requires_grad_(False)
         self._total_steps = total_steps
 
     def wrap(self, net: nn.Module) -> ConsistencyFunction:
@@ -104,13 +105,9 @@ class ConsistencyTrainingModule(GenerativeModule):
         return (f", with σ_n in [{self._sigma_n.min().item():.4g}, {self._sigma_n.max().item():.4g}] and σ_n+1 up to "
                 f"{self._sigma_next.max().item():.4g} (N(k) = {self.num_scales(self.global_step)})")
 
-    def networks(self) -> list[nn.Module]:
-        return super().networks() + ([self.target] if self.target is not None else [])
-
-    def averaged_networks(self) -> list[tuple[nn.Module, float]]:
-        """The EMAs, and for ct the target: θ⁻ ← μ(k) θ⁻ + (1 − μ(k)) θ with k the step just taken."""
-        mu = self.recipe.target_ema(self.num_scales(self.global_step))
-        return super().averaged_networks() + ([(self.target, mu)] if self.target is not None else [])
+    def target_decay(self) -> float:
+        """ct: μ(k) of the curriculum, with k the step just taken."""
+        return self.recipe.target_ema(self.num_scales(self.global_step))
 
     def validation_loss(self, x: Tensor, index: Tensor) -> Tensor:
         """CT loss of the ``eval_weights`` network on fixed σ pairs and noise: comparable across steps and runs.

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from lightning.pytorch import Trainer
 
-from cm_lightning import ConsistencyTrainingModule, UNet
+from cm_lightning import ConsistencyTrainingModule, DiffusionModule, UNet
 
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16])
 MAX_STEPS = 16  # of the CLI runs made by ``fit_args``
@@ -28,6 +28,17 @@ def tiny(cls=ConsistencyTrainingModule, **kwargs):
     """A module of class ``cls`` over the tiny UNet; UNet arguments among ``kwargs`` go to the network."""
     net = tiny_net(**{k: kwargs.pop(k) for k in list(kwargs) if k in NET_ARGS})
     return cls(net=net, **kwargs)
+
+
+def module_checkpoint(path: Path, cls=DiffusionModule, **kwargs) -> Path:
+    """A checkpoint of a tiny randomised module (a diffusion teacher unless told), in Lightning's layout."""
+    torch.manual_seed(1)
+    m = tiny(cls, ema_decays=[0.9], **kwargs)
+    randomise(m)
+    checkpoint = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
+    m.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
 
 
 def randomise(module: torch.nn.Module) -> None:

@@ -10,11 +10,11 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from cli import main
-from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule
+from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule
 from cm_lightning.losses import squared_l2
 from cm_lightning.objectives import ConsistencyDistillation
 from cm_lightning.sampling import ode_step
-from tests.helpers import make_trainer, randomise, tiny, tiny_args
+from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args
 
 S = 0.5  # data ~ N(0, S² I)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
@@ -67,17 +67,6 @@ def test_cd_loss_of_the_exact_consistency_function_is_solver_error_only():
     assert wrong > 100 * heun[18]  # measured 220 times
 
 
-def teacher_file(tmp_path: Path, name: str = "teacher.ckpt", cls=DiffusionModule, **kwargs) -> Path:
-    """A checkpoint of a tiny randomised module, in Lightning's layout (state dict and hyper-parameters)."""
-    torch.manual_seed(1)
-    m = tiny(cls, ema_decays=[0.9], **kwargs)
-    randomise(m)
-    checkpoint = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
-    m.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, tmp_path / name)
-    return tmp_path / name
-
-
 class Watch(Callback):
     """Records the networks at the start of training and the target update of every step."""
 
@@ -97,7 +86,7 @@ class Watch(Callback):
 
 
 def test_trainer_steps_keep_the_teacher_frozen_start_from_it_and_move_the_target_by_mu(tmp_path):
-    path = teacher_file(tmp_path)
+    path = module_checkpoint(tmp_path / "teacher.ckpt")
     m = tiny(ConsistencyDistillationModule, teacher=str(path), mu=0.5, ema_decays=[0.9], num_scales=6)
     watch = Watch()
     data = DataLoader(torch.rand(16, 1, 16, 16) * 2 - 1, batch_size=4)
@@ -119,7 +108,7 @@ def test_trainer_steps_keep_the_teacher_frozen_start_from_it_and_move_the_target
 
 
 def test_mu_zero_distils_against_the_stop_gradient_of_the_student(tmp_path):
-    m = tiny(ConsistencyDistillationModule, teacher=str(teacher_file(tmp_path)), num_scales=6)
+    m = tiny(ConsistencyDistillationModule, teacher=str(module_checkpoint(tmp_path / "teacher.ckpt")), num_scales=6)
     assert m.target is None and not any(k.startswith("target.") for k in m.state_dict())
     m.load_teacher()
     x = torch.rand(4, 1, 16, 16) * 2 - 1
@@ -138,9 +127,9 @@ def test_bad_teachers_are_refused_by_name(tmp_path):
     refuse(FileNotFoundError, str(tmp_path / "nowhere.ckpt"), "nowhere.ckpt' does not exist")
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     refuse(ValueError, str(tmp_path / "notes.ckpt"), "notes.ckpt' is not a checkpoint")
-    ct = teacher_file(tmp_path, "ct.ckpt", ConsistencyTrainingModule)
+    ct = module_checkpoint(tmp_path / "ct.ckpt", ConsistencyTrainingModule)
     refuse(ValueError, str(ct), "ct.ckpt' is a ConsistencyTrainingModule checkpoint; the teacher must be a DiffusionModule")
-    wide = teacher_file(tmp_path, "wide.ckpt", model_channels=16)
+    wide = module_checkpoint(tmp_path / "wide.ckpt", model_channels=16)
     refuse(ValueError, str(wide), "net.model_channels: teacher 16, student 8")
     refuse(ValueError, str(wide), "has no weights 'ema_0.5'", model_channels=16, teacher_weights="ema_0.5")
     refuse(ValueError, None, "needs a teacher: --model.teacher")
@@ -153,7 +142,7 @@ def test_bad_teachers_are_refused_by_name(tmp_path):
 
 
 def test_a_student_samples_and_loads_without_its_teacher(tmp_path):
-    path = teacher_file(tmp_path)
+    path = module_checkpoint(tmp_path / "teacher.ckpt")
     m = tiny(ConsistencyDistillationModule, teacher=str(path))
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.fit(m, DataLoader(torch.rand(4, 1, 16, 16) * 2 - 1, batch_size=4))

@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import FID
-from cm_lightning import ConsistencyTrainingModule, DiffusionModule
+from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
-from tests.helpers import make_trainer, tiny, tiny_args, tiny_net
+from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args, tiny_net
 
 K = 4
 
@@ -66,7 +66,7 @@ def test_ddp_spawn_ranks_share_weights_and_curriculum_but_not_noise(tmp_path):
     assert not torch.equal(sigmas0, sigmas1)
 
 
-class RecordingDiffusion(DiffusionModule):
+class Records:
     """Keeps the first noise value of every training batch, and writes its state at the end of training."""
 
     def losses(self, x):
@@ -76,13 +76,25 @@ class RecordingDiffusion(DiffusionModule):
 
     def on_train_end(self):
         state = {k: v.clone() for k, v in self.state_dict().items()}
-        torch.save({"state": state, "draws": self.draws}, self.folder / f"rank{self.global_rank}.pt")
+        teacher = getattr(self, "_teacher", None)
+        teacher = {k: v.clone() for k, v in teacher.net.state_dict().items()} if teacher is not None else {}
+        torch.save({"state": state, "draws": self.draws, "teacher": teacher}, self.folder / f"rank{self.global_rank}.pt")
+
+
+class RecordingDiffusion(Records, DiffusionModule):
+    pass
+
+
+class RecordingDistillation(Records, ConsistencyDistillationModule):
+    pass
 
 
 @pytest.mark.slow
-def test_ddp_spawn_diffusion_ranks_share_weights_but_not_noise(tmp_path):
+@pytest.mark.parametrize("cls", [RecordingDiffusion, RecordingDistillation], ids=["edm", "cd"])
+def test_ddp_spawn_diffusion_and_distillation_ranks_share_weights_but_not_noise(cls, tmp_path):
+    extra = {"teacher": str(module_checkpoint(tmp_path / "teacher.ckpt"))} if cls is RecordingDistillation else {}
     torch.manual_seed(0)
-    m = tiny(RecordingDiffusion, dropout=0.1, ema_decays=[0.9])
+    m = tiny(cls, dropout=0.1, ema_decays=[0.9], **extra)
     m.draws, m.folder = [], tmp_path
     initial = m.state_dict()["ema.0.net.out.2.weight"].clone()
     data = DataLoader(torch.rand(32, 1, 16, 16) * 2 - 1, batch_size=4, shuffle=True)
@@ -91,6 +103,10 @@ def test_ddp_spawn_diffusion_ranks_share_weights_but_not_noise(tmp_path):
     assert max((r0["state"][k] - r1["state"][k]).abs().max().item() for k in r0["state"]) == 0.0
     assert not torch.equal(r0["state"]["ema.0.net.out.2.weight"], initial)
     assert len(r0["draws"]) == 2 and all(a != b for a, b in zip(r0["draws"], r1["draws"]))
+    if extra:  # each rank read the same teacher from its path, and kept it out of the synchronised state
+        saved = torch.load(extra["teacher"], weights_only=True)["state_dict"]
+        assert all(torch.equal(v, r1["teacher"][k]) and torch.equal(v, saved[f"ema.0.net.{k}"]) for k, v in r0["teacher"].items())
+        assert not any("teacher" in k for k in r0["state"])
 
 
 class Pixels(nn.Module):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cm_lightning import DiffusionModule
+from cm_lightning import ConsistencyDistillationModule, DiffusionModule
 from cm_lightning.unet import FourierEmbedding, PositionalEmbedding
-from tests.helpers import make_trainer, randomise, tiny
+from tests.helpers import make_trainer, module_checkpoint, randomise, tiny
 
 
 def loss_on_fixed_batch(m, autocast: bool) -> torch.Tensor:
@@ -40,6 +40,23 @@ def test_bf16_edm_loss_is_float32_and_close_to_float32():
         mixed = m.objective.loss(m.online, x, sigma, noise).mean()
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
     assert abs(mixed - full) / full < 0.01
+
+
+def test_bf16_distillation_loss_evaluates_the_teacher_under_the_same_autocast(tmp_path):
+    m = tiny(ConsistencyDistillationModule, teacher=str(module_checkpoint(tmp_path / "teacher.ckpt")), num_scales=8)
+    randomise(m.online)
+    m.load_teacher()
+    seen = []
+    m.teacher().net.register_forward_hook(lambda net, args, out: seen.append(out.dtype))
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    sigma_n, sigma_next = m.objective.pair(torch.arange(8))
+    full = m.objective.loss(m.online, m.online, m.teacher(), x, z, sigma_n, sigma_next).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m.objective.loss(m.online, m.online, m.teacher(), x, z, sigma_n, sigma_next).mean()
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2  # Heun: two teacher evaluations per loss
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    assert abs(mixed - full) / full < 0.05
 
 
 @pytest.mark.parametrize("embedding", [FourierEmbedding(16), PositionalEmbedding(16)])
