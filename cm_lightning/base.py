@@ -1,7 +1,7 @@
 """GenerativeModule: what every training method shares; the methods subclass it.
 
 The network comes from the ``net`` argument; the module wraps it in the method's parametrisation
-(``wrap``), keeps the evaluation EMAs, samples with any sampler value, writes ``predict`` images,
+(``wrap``), keeps the evaluation EMAs, samples with any sampler value (``networks.Sampling``), writes ``predict`` images,
 checks checkpoints, seeds each step, and moves every averaged network (EMAs and a target θ⁻) in one
 place: right after the optimizer step. A method implements ``wrap``, ``losses`` and ``validation_loss``.
 """
@@ -18,21 +18,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from cm_lightning.consistency import indexed_noise
 from cm_lightning.ema import ema_decay, update_ema, validate_decays
 from cm_lightning.karras import validate_sigma_range
 from cm_lightning.lr_schedules import CosineDecay
-from cm_lightning.networks import SamplerSpec, build_network, network_config
-from cm_lightning.sampling import Sampler, parse_sampler
+from cm_lightning.networks import Sampling, SamplerSpec, build_network, network_config
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # Lightning's, on its allowlist
 
 
-class GenerativeModule(LightningModule):
+class GenerativeModule(Sampling, LightningModule):
     """Base class of every method: network, EMAs, sampling, predict, checkpoints, seeded steps."""
-
-    default_sampler: SamplerSpec = [80.0]  # of ``sample`` and ``predict``
-    eval_samplers: list[SamplerSpec] = [[80.0], [80.0, 0.8]]  # of grids and FID, unless they are told
 
     def __init__(
         self,
@@ -132,11 +127,6 @@ class GenerativeModule(LightningModule):
         return type(self).structure_of(self.hparams)
 
     # -- networks and checkpoints -----------------------------------------------------------
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        net = self.online.net
-        return net.channels, net.image_size, net.image_size
 
     def network(self, weights: str) -> nn.Module:
         """The network with the named weights: "online", "ema" or "ema_<decay>"."""
@@ -317,71 +307,6 @@ class GenerativeModule(LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._log_eval_loss("test/loss", batch)
-
-    # -- sampling -----------------------------------------------------------------------------
-
-    def sampler(self, spec: SamplerSpec | Sampler | None = None) -> Sampler:
-        """A sampler value from a config value (σ list, "heun<N>", a Sampler), checked against this model."""
-        chosen = parse_sampler(self.default_sampler if spec is None else spec, self.hparams.clip_denoised)
-        chosen.validate(self.hparams.sigma_min, self.hparams.sigma_max)
-        return chosen
-
-    def check_sampling(self, samplers: Sequence[SamplerSpec], weights: str | None) -> None:
-        """Refuse samplers or a weights name this model cannot use (callbacks call it in ``setup``)."""
-        for spec in samplers:
-            self.sampler(spec)
-        self.network(weights or self.hparams.eval_weights)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        sampler: SamplerSpec | Sampler | None = None,
-        generator: torch.Generator | None = None,
-        weights: str | None = None,
-        seed: int | None = None,
-        first_index: int = 0,
-    ) -> Tensor:
-        """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W).
-
-        ``sampler``: a σ list (``(80.0,)`` one consistency step, ``(80.0, 0.8)`` two), "heun<N>" /
-        "euler<N>", or a sampler value; None takes the method's default. Noise comes from ``generator``
-        (CPU or device), or, given ``seed``, per image: image ``first_index + j`` depends on (seed, index)
-        alone, not on the batch it is drawn in. ``weights`` names the network ("online", "ema",
-        "ema_<decay>"); None takes ``eval_weights``.
-        """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if seed is not None and generator is not None:
-            raise ValueError("give either generator= or seed=, not both")
-        sampler = self.sampler(sampler)
-        if seed is not None:
-            return self.sample_indexed(range(first_index, first_index + num_samples), sampler, seed, weights)
-        device = generator.device if generator is not None else self.device
-        noise = torch.randn(sampler.num_draws, num_samples, *self.image_shape, generator=generator, device=device)
-        return self.sample_from_noise(noise, sampler, weights)
-
-    def sample_indexed(self, indices: Sequence[int], sampler, seed: int, weights: str | None = None) -> Tensor:
-        """Image ``indices[j]`` from the noise seeded by (seed, indices[j]): batch- and rank-free sampling."""
-        sampler = self.sampler(sampler)
-        noise = indexed_noise(seed, indices, sampler.num_draws, self.image_shape)
-        return self.sample_from_noise(noise, sampler, weights)
-
-    @torch.no_grad()
-    def sample_from_noise(self, noise: Tensor, sampler, weights: str | None = None) -> Tensor:
-        """Images from given noise (num_draws, B, C, H, W): the sampler behind ``sample`` and ``predict``."""
-        sampler, f = self.sampler(sampler), self.network(weights or self.hparams.eval_weights)
-        was_training = f.training
-        f.eval()
-        try:
-            h = self.hparams
-            return sampler(f, noise.to(self.device), h.sigma_min, h.sigma_max, h.rho)
-        finally:
-            f.train(was_training)
-
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Images for a batch of sample indices (the DataModule's predict loader), seeded per index."""
-        return self.sample_indexed(batch.tolist(), self.hparams.predict_sampler, self.hparams.predict_seed)
 
 
 def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:

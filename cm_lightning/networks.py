@@ -1,4 +1,4 @@
-"""The ``net`` argument of every method, and the contract the callbacks rely on.
+"""The ``net`` argument of every method, the contract the callbacks rely on, and its implementation.
 
 A network is any ``nn.Module`` F(c_in·x, c_noise) → image-shaped output whose ``__init__`` takes
 ``image_size`` and ``channels`` (the CLI links them from the data) and keeps them as attributes.
@@ -8,9 +8,11 @@ Checkpoints store it as plain data, {"class_path", "init_args"}, so they load wi
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
-from cm_lightning.sampling import Sampler
+from cm_lightning.consistency import indexed_noise
+from cm_lightning.sampling import Sampler, parse_sampler
 from cm_lightning.unet import UNet
 
 SamplerSpec = list[float] | str
@@ -45,3 +47,79 @@ def build_network(net: nn.Module | dict | None) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be an nn.Module (or its class_path/init_args config), got {type(net).__name__}")
     return net
+
+
+class Sampling:
+    """``SamplingModule`` for a LightningModule with ``hparams`` (σ range, ``clip_denoised``, ``eval_weights``,
+    ``predict_sampler``, ``predict_seed``), ``online.net`` and ``network(weights)``: GenerativeModule's sampling."""
+
+    default_sampler: SamplerSpec = [80.0]  # of ``sample`` and ``predict``
+    eval_samplers: list[SamplerSpec] = [[80.0], [80.0, 0.8]]  # of grids and FID, unless they are told
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        net = self.online.net
+        return net.channels, net.image_size, net.image_size
+
+    def sampler(self, spec: SamplerSpec | Sampler | None = None) -> Sampler:
+        """A sampler value from a config value (σ list, "heun<N>", a Sampler), checked against this model."""
+        chosen = parse_sampler(self.default_sampler if spec is None else spec, self.hparams.clip_denoised)
+        chosen.validate(self.hparams.sigma_min, self.hparams.sigma_max)
+        return chosen
+
+    def check_sampling(self, samplers: Sequence[SamplerSpec], weights: str | None) -> None:
+        """Refuse samplers or a weights name this model cannot use (callbacks call it in ``setup``)."""
+        for spec in samplers:
+            self.sampler(spec)
+        self.network(weights or self.hparams.eval_weights)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: SamplerSpec | Sampler | None = None,
+        generator: torch.Generator | None = None,
+        weights: str | None = None,
+        seed: int | None = None,
+        first_index: int = 0,
+    ) -> Tensor:
+        """Draw ``num_samples`` images in [-1, 1], shape (N, C, H, W).
+
+        ``sampler``: a σ list (``(80.0,)`` one consistency step, ``(80.0, 0.8)`` two), "heun<N>" /
+        "euler<N>", or a sampler value; None takes the method's default. Noise comes from ``generator``
+        (CPU or device), or, given ``seed``, per image: image ``first_index + j`` depends on (seed, index)
+        alone, not on the batch it is drawn in. ``weights`` names the network ("online", "ema",
+        "ema_<decay>"); None takes ``eval_weights``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either generator= or seed=, not both")
+        sampler = self.sampler(sampler)
+        if seed is not None:
+            return self.sample_indexed(range(first_index, first_index + num_samples), sampler, seed, weights)
+        device = generator.device if generator is not None else self.device
+        noise = torch.randn(sampler.num_draws, num_samples, *self.image_shape, generator=generator, device=device)
+        return self.sample_from_noise(noise, sampler, weights)
+
+    def sample_indexed(self, indices: Sequence[int], sampler, seed: int, weights: str | None = None) -> Tensor:
+        """Image ``indices[j]`` from the noise seeded by (seed, indices[j]): batch- and rank-free sampling."""
+        sampler = self.sampler(sampler)
+        noise = indexed_noise(seed, indices, sampler.num_draws, self.image_shape)
+        return self.sample_from_noise(noise, sampler, weights)
+
+    @torch.no_grad()
+    def sample_from_noise(self, noise: Tensor, sampler, weights: str | None = None) -> Tensor:
+        """Images from given noise (num_draws, B, C, H, W): the sampler behind ``sample`` and ``predict``."""
+        sampler, f = self.sampler(sampler), self.network(weights or self.hparams.eval_weights)
+        was_training = f.training
+        f.eval()
+        try:
+            h = self.hparams
+            return sampler(f, noise.to(self.device), h.sigma_min, h.sigma_max, h.rho)
+        finally:
+            f.train(was_training)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Images for a batch of sample indices (the DataModule's predict loader), seeded per index."""
+        return self.sample_indexed(batch.tolist(), self.hparams.predict_sampler, self.hparams.predict_seed)
