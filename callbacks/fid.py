@@ -4,6 +4,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from cm_lightning.base import images_of
 from cm_lightning.sampling import parse_sampler
@@ -104,12 +105,17 @@ class FID(Callback):
                     m.update(x, real=True)
         per_rank = -(-num_samples // trainer.world_size)  # ceil: rank r makes images r·per_rank …
         first, last = trainer.global_rank * per_rank, min(num_samples, (trainer.global_rank + 1) * per_rank)
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         for (name, metric), spec in zip(self._metrics.items(), self._samplers):
             metric.reset()  # fake statistics only
-            for start in range(first, last, self.batch_size):
-                count = min(self.batch_size, last - start)
-                x = pl_module.sample(count, spec, weights=self.weights, seed=self.seed, first_index=start)
-                metric.update(self._prepare(x), real=False)
+            nfe = pl_module.sampler(spec).nfe
+            with tqdm(total=last - first, desc=f"{prefix} FID {name} ({nfe} network evaluations per image)",
+                      unit="img", disable=not show, leave=False, dynamic_ncols=True) as bar:
+                for start in range(first, last, self.batch_size):
+                    count = min(self.batch_size, last - start)
+                    x = pl_module.sample(count, spec, weights=self.weights, seed=self.seed, first_index=start)
+                    metric.update(self._prepare(x), real=False)
+                    bar.update(count)
             pl_module.log(f"{prefix}/fid_{name}", metric.compute().float(), sync_dist=False, rank_zero_only=False)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
