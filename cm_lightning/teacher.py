@@ -23,10 +23,8 @@ HOW_TO_TRAIN = "train one with `cm-lightning fit --config configs/mnist_edm.yaml
 class DiffusionWeights:
     """What a student keeps of a DiffusionModule checkpoint."""
 
-    path: Path
     sha256: str
-    hparams: dict  # the teacher's hyper-parameters (plain data)
-    weights: str  # which of its networks: "online", "ema" or "ema_<decay>"
+    hparams: dict  # the teacher's network settings and σ_data (plain data)
     net_state: dict[str, Tensor]  # F_φ's state dict
 
 
@@ -58,8 +56,7 @@ def read_diffusion_checkpoint(path: str | Path, weights: str | None = None, role
     net_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not net_state:
         raise ValueError(f"the {role} {str(path)!r} holds no {weights!r} network weights (keys {prefix}*)")
-    keep = ("net", "sigma_data", "sigma_min", "sigma_max", "rho", "eval_weights", "ema_decays", "_class_path")
-    return DiffusionWeights(path, sha256, {k: hparams[k] for k in keep if k in hparams}, weights, net_state)
+    return DiffusionWeights(sha256, {k: hparams[k] for k in ("net", "sigma_data") if k in hparams}, net_state)
 
 
 def network_differences(teacher: dict, student: dict) -> list[str]:
