@@ -30,8 +30,8 @@ run() {  # run <limit s> <method> <precision> [--compile]
   grep -E "^configs/|Error" "/tmp/$name.log"
   save
 }
-for method in ict edm cd; do for precision in 32-true bf16-mixed; do run 60 "$method" "$precision"; done; done
-for method in ict edm cd; do run 240 "$method" bf16-mixed --compile; done  # compiling took over 110 s on the H200
+for method in ict edm cd ect; do for precision in 32-true bf16-mixed; do run 60 "$method" "$precision"; done; done
+for method in ict edm cd ect; do run 240 "$method" bf16-mixed --compile; done  # compiling took over 110 s on the H200
 if (( SECONDS < BUDGET )); then
   timeout -k 5 90 python3 benchmarks/throughput.py --config configs/cifar10_ict.yaml --device cuda --batch-size "$BATCH" \
     --precision bf16-mixed --steps 40 --warmup 10 --repeats 2 --name gpu_throughput_ict_bf16 > /tmp/throughput.log 2>&1

@@ -1,169 +1,219 @@
-"""FID per CPU budget on real MNIST: the quick-start net trained with recipe ``ict`` and with ``ct``.
+"""FID against training time on real MNIST for each method's preset: which command for which CPU budget.
 
-    python benchmarks/quality_mnist.py [--data-dir ../shared/data] [--budget-min 20] [--points 4]
+    python benchmarks/quality_mnist.py [--stages ict edm cd] [--data-dir ../shared/data] [--points 3]
 
-Both recipes train the quick-start preset (same network, seed, batch, optimizer and cosine LR) through
-the real CLI for the same wall-clock budget; ``ct`` takes the 2023 paper's own settings (s0 = 2,
-s1 = 150, μ0 = 0.9, squared L2), ``ict`` the preset's. The curriculum length K and the cosine period are
-what a short calibration run says fits in the budget, the same for both. Checkpoints are taken at
-``points`` equally spaced moments of training time; afterwards each is scored with one- and two-step
-FID (10,000 samples against the 10,000 MNIST test images, the shipped classifier's features).
-Writes ``results/quality_mnist.json``, the FID-versus-time plot ``results/quality_mnist.png`` and the
-final one- and two-step grids ``results/quality_mnist_<recipe>_<k>step.png``.
+Every stage trains its preset as a user would (``cm-lightning fit --config configs/<preset>``, the same
+settings and length; validation off) and saves checkpoints at ``points`` equally spaced steps, recording
+the training time up to each (wall seconds on this machine and the process's CPU seconds; checkpoint
+writing excluded). ``cd`` distils and ``ect`` tunes the final checkpoint of ``edm``, trained in the
+same run, and the teacher's training time is counted in their totals. Afterwards each checkpoint is scored with FID
+(10,000 samples against the 10,000 MNIST test images, the shipped classifier's features): one and two
+steps for consistency models, Heun with 18 steps (35 network evaluations) for the teacher's final
+checkpoint only (10,000 Heun samples cost about as much as training the teacher).
+
+Stages:
+    ict  configs/mnist_quickstart.yaml (the quick-start)
+    ct   configs/mnist_quickstart.yaml with the 2023 paper's CT settings (s0 = 2, s1 = 150, μ0 = 0.9, L2)
+    edm  configs/mnist_edm.yaml (the teacher)
+    cd   configs/mnist_cd.yaml, --model.teacher <edm's final checkpoint>
+    ect  configs/mnist_ect.yaml, --model.init_from <edm's final checkpoint>
+
+Writes ``results/quality_mnist.json`` (stages run now replace the same stages of an earlier run; each
+stage keeps its date), the plot ``results/quality_mnist.png`` and the final grids
+``results/quality_mnist_<stage>_<sampler>.png``.
 """
 
 import argparse
+import importlib
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from lightning.pytorch import Callback, Trainer
 from torchvision.utils import save_image
 
-from common import ROOT, machine, write_result
+from common import ROOT, machine
 from callbacks import FID
 from cli import build_cli
-from cm_lightning import ConsistencyTrainingModule
 from datamodules import MNISTDataModule
 
 RESULTS = ROOT / "benchmarks" / "results"
-CT_PAPER = ["--model.recipe=ct", "--model.s0=2", "--model.s1=150", "--model.mu0=0.9"]
+ONE_STEP, TWO_STEPS, HEUN18 = (80.0,), (80.0, 0.8), "heun18"
 
 
-class TimedCheckpoints(Callback):
-    """Saves a checkpoint each time training time (checkpoint writing excluded) passes the next mark,
-    and stops training when that time reaches ``budget_s``."""
+@dataclass(frozen=True)
+class Stage:
+    preset: str
+    samplers: tuple  # scored at every checkpoint
+    final_samplers: tuple = ()  # scored at the final checkpoint only
+    extra: tuple = ()
+    teacher: str | None = None  # the stage whose final checkpoint this one starts from ...
+    teacher_arg: str = "--model.teacher"  # ... given as this argument
+    label: str = field(default="", compare=False)
 
-    def __init__(self, marks_s: list[float], budget_s: float, folder: Path, prefix: str):
-        self.marks, self.budget_s, self.folder, self.prefix, self.saved = list(marks_s), budget_s, folder, prefix, []
-        self.start, self.paused = None, 0.0
+
+STAGES = {
+    "ict": Stage("mnist_quickstart.yaml", (ONE_STEP, TWO_STEPS), label="iCT (quick-start)"),
+    "ct": Stage("mnist_quickstart.yaml", (ONE_STEP, TWO_STEPS), label="CT, 2023 settings",
+                extra=("--model.recipe=ct", "--model.s0=2", "--model.s1=150", "--model.mu0=0.9")),
+    "edm": Stage("mnist_edm.yaml", (), final_samplers=(HEUN18,), label="EDM teacher"),
+    "cd": Stage("mnist_cd.yaml", (ONE_STEP, TWO_STEPS), teacher="edm", label="CD from the teacher"),
+    "ect": Stage("mnist_ect.yaml", (ONE_STEP, TWO_STEPS), teacher="edm", teacher_arg="--model.init_from",
+                 label="ECT from the teacher"),
+}
+
+
+class StepCheckpoints(Callback):
+    """Saves a checkpoint when the global step reaches each of ``marks`` and records the training time
+    to it: wall and process CPU seconds since the first training batch, its own writing excluded."""
+
+    def __init__(self, marks: list[int], folder: Path, prefix: str):
+        self.marks, self.folder, self.prefix, self.saved = sorted(marks), folder, prefix, []
+        self.start = self.start_cpu = None
+        self.paused = self.paused_cpu = 0.0
 
     def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start - self.paused
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.marks and self.elapsed() >= self.marks[0]:
+        if self.marks and trainer.global_step >= self.marks[0]:
             self.marks.pop(0)
-            self.save(trainer)
-        if self.elapsed() >= self.budget_s:
-            trainer.should_stop = True
-
-    def on_train_end(self, trainer, pl_module):
-        if self.marks or not self.saved or self.saved[-1]["step"] != trainer.global_step:
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        begin = time.perf_counter()
-        path = self.folder / f"{self.prefix}_{len(self.saved)}.ckpt"
+        wall, cpu = time.perf_counter() - self.start - self.paused, time.process_time() - self.start_cpu - self.paused_cpu
+        begin, begin_cpu = time.perf_counter(), time.process_time()
+        path = self.folder / f"{self.prefix}_step{trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
-        self.saved.append({"train_s": round(self.elapsed(), 1), "step": trainer.global_step, "path": str(path)})
+        self.saved.append({"step": trainer.global_step, "train_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
+                           "path": str(path)})
         self.paused += time.perf_counter() - begin
+        self.paused_cpu += time.process_time() - begin_cpu
 
 
-def cli_args(data_dir: str, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
-    return [
-        "--config", str(ROOT / "configs" / "mnist_quickstart.yaml"), f"--data.data_dir={data_dir}",
-        f"--trainer.max_steps={steps}",
+def preset(stage: Stage) -> dict:
+    return yaml.safe_load((ROOT / "configs" / stage.preset).read_text())
+
+
+def module_class(stage: Stage):
+    module, _, name = preset(stage)["model"]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def train(name: str, args, work: Path, teacher: str | None) -> list[dict]:
+    stage = STAGES[name]
+    steps = min(preset(stage)["trainer"]["max_steps"], args.max_steps or float("inf"))
+    marks = [round(steps * (i + 1) / args.points) for i in range(args.points)]
+    argv = [
+        "--config", str(ROOT / "configs" / stage.preset), f"--data.data_dir={args.data_dir}",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={run_dir}", *extra,
+        f"--trainer.default_root_dir={work / name}", f"--trainer.max_steps={steps}", *stage.extra,
     ]
-
-
-def calibrate(data_dir: str, run_dir: Path, steps: int = 60) -> float:
-    """Seconds per training step of the preset on this machine (steps 10 to ``steps``)."""
-    extra = ["--trainer.logger=false", f"--trainer.default_root_dir={run_dir}"]
-    cli = build_cli(cli_args(data_dir, run_dir, steps, extra), run=False)
-    stamps = {}
-    cli.trainer.callbacks.append(_StepStamps(stamps, (10, steps - 1)))
+    if teacher:
+        argv.append(f"{stage.teacher_arg}={teacher}")
+    cli = build_cli(argv, run=False)
+    saver = StepCheckpoints(marks, work, name)
+    cli.trainer.callbacks.append(saver)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return (stamps[steps - 1] - stamps[10]) / (steps - 11)
+    return saver.saved
 
 
-class _StepStamps(Callback):
-    def __init__(self, stamps: dict, at: tuple[int, int]):
-        self.stamps, self.at = stamps, at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step in self.at:
-            self.stamps[trainer.global_step] = time.perf_counter()
-
-
-def train(recipe: str, args, steps: int, work: Path) -> list[dict]:
-    marks = [args.budget_min * 60 * (i + 1) / args.points for i in range(args.points)]
-    cli = build_cli(cli_args(args.data_dir, work / recipe, steps, CT_PAPER if recipe == "ct" else []), run=False)
-    checkpoints = TimedCheckpoints(marks[:-1], marks[-1], work, recipe)  # the last mark is the end of training
-    cli.trainer.callbacks.append(checkpoints)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return checkpoints.saved
-
-
-def evaluate(path: str, data_dir: str, num_samples: int) -> dict[str, float]:
-    module = ConsistencyTrainingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    fid = FID(num_samples=num_samples, feature="mnist", batch_size=500)
+def evaluate(name: str, path: str, samplers: tuple, args) -> dict[str, float]:
+    module = module_class(STAGES[name]).load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    fid = FID(num_samples=args.num_samples, samplers=[list(s) if isinstance(s, tuple) else s for s in samplers],
+              feature="mnist", batch_size=500)
     trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_test_batches=1, callbacks=[fid])
-    (result,) = trainer.test(module, datamodule=MNISTDataModule(data_dir, batch_size=500), verbose=False)
-    return {k.removeprefix("test/"): v for k, v in result.items() if "fid" in k}
+    (result,) = trainer.test(module, datamodule=MNISTDataModule(args.data_dir, batch_size=500), verbose=False)
+    return {k.removeprefix("test/"): round(v, 2) for k, v in result.items() if "fid" in k}
 
 
-def plot(curves: dict, path: Path) -> None:
+def save_grids(name: str, path: str, results: Path) -> None:
+    stage = STAGES[name]
+    module = module_class(stage).load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    for sampler in stage.samplers + stage.final_samplers:
+        tag = sampler if isinstance(sampler, str) else f"{len(sampler)}step"
+        x = module.sample(64, sampler, seed=0)
+        save_image(x, results / f"quality_mnist_{name}_{tag}.png", nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def run_stage(name: str, args, work: Path, done: dict) -> dict:
+    stage = STAGES[name]
+    teacher = done[stage.teacher] if stage.teacher else None
+    started = time.time()
+    points = train(name, args, work, teacher["points"][-1]["path"] if teacher else None)
+    offset = teacher["points"][-1] if teacher else {"train_s": 0.0, "train_cpu_s": 0.0}
+    for i, point in enumerate(points):
+        point["total_s"] = round(point["train_s"] + offset["train_s"], 1)
+        point["total_cpu_s"] = round(point["train_cpu_s"] + offset["train_cpu_s"], 1)
+        samplers = stage.samplers + (stage.final_samplers if i == len(points) - 1 else ())
+        if samplers:
+            point.update(evaluate(name, point["path"], samplers, args))
+        print(name, point, flush=True)
+    save_grids(name, points[-1]["path"], Path(args.results_dir))
+    return {"label": stage.label, "preset": stage.preset, "extra_args": list(stage.extra), "teacher": stage.teacher,
+            "date": time.strftime("%Y-%m-%d"), "machine": machine(), "num_samples": args.num_samples,
+            "points": points, "stage_wall_s": round(time.time() - started)}
+
+
+def plot(stages: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for recipe, color in (("ict", "tab:blue"), ("ct", "tab:red")):
-        points = curves[recipe]
-        minutes = [p["train_s"] / 60 for p in points]
-        for key, style in (("fid_1step", "-o"), ("fid_2step", "--s")):
-            ax.plot(minutes, [p[key] for p in points], style, color=color, label=f"{recipe}, {key[4:]}")
-    ax.set_xlabel("training time (minutes, this machine)")
+    colors = {"ict": "tab:blue", "ct": "tab:red", "edm": "black", "cd": "tab:green", "ect": "tab:purple"}
+    styles = {"fid_1step": ("-o", "1 step"), "fid_2step": ("--s", "2 steps"), "fid_heun18": ("*", "Heun 18, 35 evaluations")}
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for name, stage in stages.items():
+        for key, (style, what) in styles.items():
+            points = [p for p in stage["points"] if key in p]
+            if points:
+                ax.plot([p["total_s"] / 60 for p in points], [p[key] for p in points], style,
+                        color=colors.get(name), markersize=12 if key == "fid_heun18" else 6,
+                        label=f"{stage['label']}, {what}")
+    ax.set_xlabel("training minutes on this 2-core CPU (CD, ECT: the teacher's included)")
     ax.set_ylabel("FID (MNIST classifier features, 10k vs test)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--budget-min", type=float, default=20.0)
-    parser.add_argument("--points", type=int, default=4)
+    parser.add_argument("--points", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=10000)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
+    parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "quality_mnist"))
     args = parser.parse_args()
-    if args.budget_min <= 0 or args.points < 1 or args.num_samples < 2:
-        parser.error("--budget-min must be > 0, --points >= 1 and --num-samples >= 2")
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; accepted: {list(STAGES)}")
+    missing = [f"{s} needs {STAGES[s].teacher}" for s in args.stages if STAGES[s].teacher and STAGES[s].teacher not in args.stages]
+    if missing:
+        parser.error("a distilled stage trains from its teacher in the same run: " + "; ".join(missing))
+    if args.points < 1 or args.num_samples < 2:
+        parser.error(f"--points must be >= 1 (got {args.points}) and --num-samples >= 2 (got {args.num_samples})")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    seconds_per_step = calibrate(args.data_dir, work / "calibration")
-    steps = int(args.budget_min * 60 / seconds_per_step)
-    print(f"calibration: {seconds_per_step * 1000:.0f} ms per step -> K = {steps} steps for {args.budget_min} min")
-    curves = {}
-    for recipe in ("ict", "ct"):
-        saved = train(recipe, args, steps, work)
-        for point in saved:
-            point.update(evaluate(point["path"], args.data_dir, args.num_samples))
-            print(recipe, point)
-        curves[recipe] = saved
-        final = ConsistencyTrainingModule.load_from_checkpoint(saved[-1]["path"], map_location="cpu", weights_only=True)
-        for sigmas, k in (((80.0,), 1), ((80.0, 0.8), 2)):
-            x = final.sample(64, sigmas, seed=0)
-            save_image(x, RESULTS / f"quality_mnist_{recipe}_{k}step.png", nrow=8, normalize=True, value_range=(-1, 1))
-    RESULTS.mkdir(exist_ok=True)
-    plot(curves, RESULTS / "quality_mnist.png")
-    result = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "budget_min": args.budget_min,
-        "seconds_per_step_calibrated": seconds_per_step, "curriculum_steps_K": steps, "num_samples": args.num_samples,
-        "curves": curves, "wall_s_total": round(time.time() - started),
-    }
-    print(f"written to {write_result('quality_mnist', result)}")
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    previous = results / "quality_mnist.json"
+    stages = json.loads(previous.read_text()).get("stages", {}) if previous.exists() else {}
+    done = {}
+    for name in sorted(args.stages, key=list(STAGES).index):  # teachers first
+        done[name] = run_stage(name, args, work, done)
+        stages[name] = done[name]
+        previous.write_text(json.dumps({"stages": stages}, indent=2) + "\n")  # a finished stage survives a later failure
+    plot({k: stages[k] for k in STAGES if k in stages}, results / "quality_mnist.png")
+    print(f"written to {previous}")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from cm_lightning.base import GenerativeModule
-from cm_lightning.consistency import ConsistencyFunction, EDMDenoiser, indexed_noise
+from cm_lightning.consistency import EDMDenoiser, indexed_noise
+from cm_lightning.family import ConsistencyModule
 from cm_lightning.losses import METRICS
 from cm_lightning.objectives import ConsistencyDistillation
 from cm_lightning.teacher import DiffusionWeights, network_differences, read_diffusion_checkpoint
 
 
-class ConsistencyDistillationModule(GenerativeModule):
+class ConsistencyDistillationModule(ConsistencyModule):
     """Consistency distillation of f_θ from a frozen diffusion teacher D_φ (CM paper, Algorithm 2)."""
 
     def __init__(
@@ -48,7 +48,8 @@ class ConsistencyDistillationModule(GenerativeModule):
             mu: fixed target decay μ of θ⁻ ← μ θ⁻ + (1 − μ) θ (paper: 0, stop-gradient, on CIFAR-10; 0.95 on
                 ImageNet 64).
             allow_teacher_change: resume even if the teacher file differs from the one the run started with.
-            **kwargs: the settings every method shares (GenerativeModule): σ range, EMAs, sampling,
+            **kwargs: ``init_from`` (ConsistencyModule: start from other weights than the teacher's) and the
+                settings every method shares (GenerativeModule): σ range, EMAs, sampling,
                 optimizer, ...
         """
         if solver not in ("heun", "euler"):
@@ -64,10 +65,6 @@ class ConsistencyDistillationModule(GenerativeModule):
             self.target = copy.deepcopy(self.online).requires_grad_(False)
         self._teacher: EDMDenoiser | None = None  # not a submodule: never in the state dict, the optimizer or DDP
         self._teacher_sha256: str | None = None
-        self._started_from_teacher = False
-
-    def wrap(self, net: nn.Module) -> ConsistencyFunction:
-        return ConsistencyFunction(net, self.hparams.sigma_min, self.hparams.sigma_data)
 
     @classmethod
     def structure_of(cls, hparams: dict) -> dict:
@@ -86,10 +83,6 @@ class ConsistencyDistillationModule(GenerativeModule):
         super().setup(stage)
         if stage == "fit":
             self.load_teacher()
-            if not self._started_from_teacher:  # a resumed run's weights then come from its checkpoint
-                for f in self.networks():
-                    f.net.load_state_dict(self._teacher.net.state_dict())
-                self._started_from_teacher = True
         elif stage in ("validate", "test") and self._teacher is None:
             try:
                 self.load_teacher()
@@ -112,6 +105,11 @@ class ConsistencyDistillationModule(GenerativeModule):
         object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # bypass nn.Module registration
         self._teacher_sha256 = found.sha256
 
+    def starting_state(self) -> dict[str, Tensor] | None:
+        """The student starts from the teacher's weights (or from ``init_from`` when given)."""
+        state = super().starting_state()
+        return self._teacher.net.state_dict() if state is None else state
+
     def teacher(self) -> EDMDenoiser:
         """The frozen teacher D_φ, on the student's device."""
         if self._teacher is None:
@@ -126,7 +124,6 @@ class ConsistencyDistillationModule(GenerativeModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._started_from_teacher = True
         saved, now = checkpoint.get("teacher_sha256"), self._teacher_sha256
         if saved is None or now is None or saved == now:
             return

@@ -1,24 +1,22 @@
 """ConsistencyTrainingModule: consistency training (CT / iCT) as a thin LightningModule.
 
 The objective is ``objectives.ConsistencyTraining``; the curriculum, the target θ⁻ and its decay μ(k)
-come from the recipe; everything else (network, EMAs, sampling, checkpoints) from ``GenerativeModule``.
+come from the recipe; f_θ and ``init_from`` from ``ConsistencyModule``; everything else (network, EMAs,
+sampling, checkpoints) from ``GenerativeModule``.
 """
 
 import copy
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-from cm_lightning.base import GenerativeModule
-from cm_lightning.consistency import ConsistencyFunction
-from cm_lightning.karras import karras_sigmas
+from cm_lightning.family import ConsistencyModule, fixed_pairs
 from cm_lightning.losses import METRICS
 from cm_lightning.objectives import ConsistencyTraining
 from cm_lightning.recipes import DEFAULTS, make_recipe
 
 
-class ConsistencyTrainingModule(GenerativeModule):
+class ConsistencyTrainingModule(ConsistencyModule):
     """Consistency training of f_θ from data alone (CM paper Algorithm 3; iCT)."""
 
     def __init__(
@@ -49,8 +47,8 @@ class ConsistencyTrainingModule(GenerativeModule):
             p_std: standard deviation of ln σ for the iCT index distribution.
             total_steps: K of the curriculum; None takes the Trainer's total optimizer steps.
             val_num_scales: the validation loss uses the fixed σ pairs of this Karras grid.
-            **kwargs: the settings every method shares (GenerativeModule): σ range, EMAs, sampling,
-                optimizer, ...
+            **kwargs: ``init_from`` (ConsistencyModule) and the settings every method shares
+                (GenerativeModule): σ range, EMAs, sampling, optimizer, ...
         """
         schedule = make_recipe(recipe, s0, s1, mu0, p_mean, p_std)
         if loss is not None and loss not in METRICS:
@@ -67,9 +65,6 @@ class ConsistencyTrainingModule(GenerativeModule):
         if recipe == "ct":
             self.target = copy.deepcopy(self.online).requires_grad_(False)
         self._total_steps = total_steps
-
-    def wrap(self, net: nn.Module) -> ConsistencyFunction:
-        return ConsistencyFunction(net, self.hparams.sigma_min, self.hparams.sigma_data)
 
     @classmethod
     def structure_of(cls, hparams: dict) -> dict:
@@ -115,8 +110,5 @@ class ConsistencyTrainingModule(GenerativeModule):
         Image i of the epoch (in loader order) gets pair n = i mod (val_num_scales − 1) and noise seeded by i.
         """
         h = self.hparams
-        sigmas = karras_sigmas(h.val_num_scales, h.sigma_min, h.sigma_max, h.rho)
-        n = index % (len(sigmas) - 1)
-        sigma_n, sigma_next = (s.to(x.device, torch.float32) for s in (sigmas[n], sigmas[n + 1]))
-        z = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index])
-        return self.consistency_loss(x, z.to(x.device), sigma_n, sigma_next, self.network(h.eval_weights))
+        z, sigma_n, sigma_next = fixed_pairs(x, index, h.val_num_scales, h.sigma_min, h.sigma_max, h.rho)
+        return self.consistency_loss(x, z, sigma_n, sigma_next, self.network(h.eval_weights))

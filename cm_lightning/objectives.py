@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from cm_lightning import losses
 from cm_lightning.karras import karras_sigmas
 from cm_lightning.recipes import Recipe
 from cm_lightning.sampling import ode_step
@@ -135,6 +136,66 @@ class ConsistencyDistillation:
 
     def __call__(self, online: nn.Module, target: nn.Module, teacher: nn.Module, x: Tensor) -> Tensor:
         return self.loss(online, target, teacher, x, *self.draw(x))
+
+
+class EasyConsistencyTuning:
+    """Easy consistency tuning (ECT; Geng et al. 2024, DESIGN §2.3): continuous pairs r < t on one shared noise.
+
+    ln t ~ N(P_mean, P_std²) truncated to [σ_min, σ_max]; at curriculum stage s,
+    r = max(0, t (1 − q^−(s+1) a(t))) with a(t) = 1 + k·sigmoid(−b t) ("sigmoid") or 1 ("const"), so r → t
+    as s grows; x_t = x + t z, x_r = x + r z; the loss is ‖f_θ(x_t, t) − sg f_θ(x_r, r)‖₂ / (t − r) per sample
+    (√(‖·‖² + c²) − c for c > 0), the target being the clean x where r = 0. A level below σ_min counts as
+    r = 0: f(x, σ_min) = x is the data there.
+    """
+
+    def __init__(
+        self, p_mean: float = -1.1, p_std: float = 2.0, mapping: str = "sigmoid", q: float = 2.0, k: float = 8.0,
+        b: float = 1.0, c: float = 0.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
+    ):
+        if mapping not in ("sigmoid", "const"):
+            raise ValueError(f"mapping must be 'sigmoid' or 'const', got {mapping!r}")
+        if not p_std > 0:
+            raise ValueError(f"p_std must be > 0, got {p_std}")
+        if not q > 1:
+            raise ValueError(f"q must be > 1 (the gap t − r shrinks by q per stage), got {q}")
+        if k < 0 or b < 0 or c < 0:
+            raise ValueError(f"k, b and c must be >= 0, got k={k}, b={b}, c={c}")
+        self.p_mean, self.p_std, self.mapping, self.q, self.k, self.b, self.c = p_mean, p_std, mapping, q, k, b, c
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def r_of_t(self, t: Tensor, stage: int) -> Tensor:
+        """r(t) at curriculum stage s (ECT's mapping), with r < σ_min set to 0."""
+        adjust = 1 + self.k * torch.sigmoid(-self.b * t) if self.mapping == "sigmoid" else torch.ones_like(t)
+        r = (t * (1 - self.q ** -(stage + 1) * adjust)).clamp(min=0)
+        return torch.where(r < self.sigma_min, torch.zeros_like(r), r)
+
+    def draw_t(self, count: int, device=None) -> Tensor:
+        """t = exp(P_mean + P_std·Φ⁻¹(u)), u uniform on [Φ(a), Φ(b)]: the log-normal truncated to [σ_min, σ_max]."""
+        a, b = ((math.log(s) - self.p_mean) / self.p_std for s in (self.sigma_min, self.sigma_max))
+        lo, hi = (0.5 * math.erfc(-v / math.sqrt(2)) for v in (a, b))
+        u = lo + (hi - lo) * torch.rand(count, dtype=torch.float64)
+        t = (self.p_mean + self.p_std * torch.special.ndtri(u)).exp().clamp(self.sigma_min, self.sigma_max)
+        return t.to(device, torch.float32)
+
+    def draw(self, x: Tensor, stage: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, t, r) for a batch at curriculum stage s."""
+        t = self.draw_t(len(x), x.device)
+        return torch.randn_like(x), t, self.r_of_t(t, stage)
+
+    def loss(self, student: nn.Module, target: nn.Module, x: Tensor, z: Tensor, t: Tensor, r: Tensor) -> Tensor:
+        """Per-sample ‖f_θ(x + t z, t) − sg f_θ(x + r z, r)‖ / (t − r); target x where r = 0."""
+        sigma_min = self.sigma_min
+
+        def reference(x_r: Tensor, r: Tensor) -> Tensor:
+            if not bool((r > 0).any()):
+                return x
+            return torch.where(_bcast(r) > 0, target(x_r, r.clamp(min=sigma_min)), x)  # r = 0 rows: any level
+
+        metric = lambda a, b: losses.pseudo_huber(a, b, self.c)  # noqa: E731
+        return consistency_distance(student, reference, x + _bcast(t) * z, t, x + _bcast(r) * z, r, 1 / (t - r), metric)
+
+    def __call__(self, online: nn.Module, x: Tensor, stage: int) -> Tensor:
+        return self.loss(online, online, x, *self.draw(x, stage))
 
 
 def _bcast(sigma: Tensor) -> Tensor:

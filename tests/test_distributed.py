@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import FID
-from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule
+from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule, EasyConsistencyTuningModule
 from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args, tiny_net
@@ -89,10 +89,15 @@ class RecordingDistillation(Records, ConsistencyDistillationModule):
     pass
 
 
+class RecordingTuning(Records, EasyConsistencyTuningModule):
+    pass
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", [RecordingDiffusion, RecordingDistillation], ids=["edm", "cd"])
-def test_ddp_spawn_diffusion_and_distillation_ranks_share_weights_but_not_noise(cls, tmp_path):
-    extra = {"teacher": str(module_checkpoint(tmp_path / "teacher.ckpt"))} if cls is RecordingDistillation else {}
+@pytest.mark.parametrize("cls", [RecordingDiffusion, RecordingDistillation, RecordingTuning], ids=["edm", "cd", "ect"])
+def test_ddp_spawn_diffusion_distillation_and_tuning_ranks_share_weights_but_not_noise(cls, tmp_path):
+    extra = {RecordingDistillation: "teacher", RecordingTuning: "init_from"}.get(cls)
+    extra = {extra: str(module_checkpoint(tmp_path / "teacher.ckpt"))} if extra else {}
     torch.manual_seed(0)
     m = tiny(cls, dropout=0.1, ema_decays=[0.9], **extra)
     m.draws, m.folder = [], tmp_path
@@ -103,7 +108,7 @@ def test_ddp_spawn_diffusion_and_distillation_ranks_share_weights_but_not_noise(
     assert max((r0["state"][k] - r1["state"][k]).abs().max().item() for k in r0["state"]) == 0.0
     assert not torch.equal(r0["state"]["ema.0.net.out.2.weight"], initial)
     assert len(r0["draws"]) == 2 and all(a != b for a, b in zip(r0["draws"], r1["draws"]))
-    if extra:  # each rank read the same teacher from its path, and kept it out of the synchronised state
+    if "teacher" in extra:  # each rank read the same teacher from its path, and kept it out of the synchronised state
         saved = torch.load(extra["teacher"], weights_only=True)["state_dict"]
         assert all(torch.equal(v, r1["teacher"][k]) and torch.equal(v, saved[f"ema.0.net.{k}"]) for k, v in r0["teacher"].items())
         assert not any("teacher" in k for k in r0["state"])

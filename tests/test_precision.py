@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cm_lightning import ConsistencyDistillationModule, DiffusionModule
+from cm_lightning import ConsistencyDistillationModule, DiffusionModule, EasyConsistencyTuningModule
 from cm_lightning.unet import FourierEmbedding, PositionalEmbedding
 from tests.helpers import make_trainer, module_checkpoint, randomise, tiny
 
@@ -38,6 +38,21 @@ def test_bf16_edm_loss_is_float32_and_close_to_float32():
     full = m.objective.loss(m.online, x, sigma, noise).mean()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = m.objective.loss(m.online, x, sigma, noise).mean()
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    assert abs(mixed - full) / full < 0.01
+
+
+def test_bf16_tuning_loss_is_float32_and_close_to_float32():
+    torch.manual_seed(0)
+    m = tiny(EasyConsistencyTuningModule)
+    randomise(m.online)
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1, torch.randn(8, 1, 16, 16, generator=g)
+    t = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 60.0])
+    r = m.objective.r_of_t(t, 2)
+    full = m.objective.loss(m.online, m.online, x, z, t, r).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m.objective.loss(m.online, m.online, x, z, t, r).mean()
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
     assert abs(mixed - full) / full < 0.01
 

@@ -1,0 +1,83 @@
+"""ConsistencyModule: what the consistency methods (CT / iCT, CD, ECT) share on top of GenerativeModule.
+
+The parametrisation f_θ (``ConsistencyFunction``), the starting weights (``init_from``: a diffusion
+model's F weights, read with weights_only=True), and the fixed σ pairs of their validation losses.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from cm_lightning.base import GenerativeModule
+from cm_lightning.consistency import ConsistencyFunction, indexed_noise
+from cm_lightning.karras import karras_sigmas
+from cm_lightning.teacher import network_differences, read_diffusion_checkpoint
+
+
+class ConsistencyModule(GenerativeModule):
+    """Base of the consistency methods: f_θ with f(x, σ_min) = x, optionally started from a diffusion model."""
+
+    def __init__(self, net: nn.Module | None = None, init_from: str | None = None, init_weights: str | None = None, **kwargs):
+        """
+        Args:
+            net: the network F_θ; see GenerativeModule.
+            init_from: a DiffusionModule checkpoint whose F weights every network (online, EMAs, θ⁻) starts
+                from when ``fit`` starts (ECT's tuning; any consistency method accepts it). Read with
+                weights_only=True; its network settings must equal ``net``'s. A resumed run takes its
+                weights from its own checkpoint and does not read this file.
+            init_weights: which of that checkpoint's networks: "online", "ema", "ema_<decay>"; None takes its
+                own eval_weights.
+            **kwargs: the settings every method shares (GenerativeModule).
+        """
+        super().__init__(net=net, **kwargs)
+        self._started = False  # the networks hold their starting weights (given, or from a checkpoint)
+        self._init_sha256: str | None = None
+
+    def wrap(self, net: nn.Module) -> ConsistencyFunction:
+        return ConsistencyFunction(net, self.hparams.sigma_min, self.hparams.sigma_data)
+
+    # -- starting weights ---------------------------------------------------------------------
+
+    def read_init_from(self) -> dict[str, Tensor]:
+        """F's weights of ``init_from``, refused (naming the file) if its network differs from ``net``."""
+        path = self.hparams.init_from
+        found = read_diffusion_checkpoint(path, self.hparams.init_weights, role="init_from")
+        differ = network_differences(found.hparams, dict(self.hparams))
+        if differ:
+            raise ValueError(f"init_from {path!r} has another network than this model: " + "; ".join(differ)
+                             + ". Give the model that checkpoint's settings (its config.yaml's model.init_args.net).")
+        self._init_sha256 = found.sha256
+        return found.net_state
+
+    def starting_state(self) -> dict[str, Tensor] | None:
+        """F's weights the networks start from in a new run: ``init_from``'s, or None (the network's own)."""
+        return None if self.hparams.init_from is None else self.read_init_from()
+
+    def on_fit_start(self) -> None:
+        """Load the starting weights into every network, unless they came from a checkpoint (a resumed run,
+        whose checkpoint Lightning has restored by now, or a model built by ``load_from_checkpoint``): a
+        resumed run never reads ``init_from``. Runs before the first step (and the sanity check)."""
+        if not self._started:
+            state = self.starting_state()
+            if state is not None:
+                for f in self.networks():
+                    f.net.load_state_dict(state)
+            self._started = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._init_sha256 is not None:
+            checkpoint["init_from_sha256"] = self._init_sha256
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._started = True
+        self._init_sha256 = checkpoint.get("init_from_sha256", self._init_sha256)
+
+
+def fixed_pairs(x: Tensor, index: Tensor, num_scales: int, sigma_min: float, sigma_max: float, rho: float):
+    """(z, σ_n, σ_{n+1}) that never change, for validation losses: image i of the epoch gets pair
+    n = i mod (num_scales − 1) of the Karras grid and noise seeded by i."""
+    sigmas = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
+    n = index.cpu() % (len(sigmas) - 1)
+    z = indexed_noise(0, index.tolist(), 1, x.shape[1:])[0]
+    return z.to(x.device), sigmas[n].to(x.device, torch.float32), sigmas[n + 1].to(x.device, torch.float32)
