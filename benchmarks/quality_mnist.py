@@ -139,23 +139,33 @@ def save_grids(name: str, path: str, results: Path) -> None:
         save_image(x, results / f"quality_mnist_{name}_{tag}.png", nrow=8, normalize=True, value_range=(-1, 1))
 
 
-def run_stage(name: str, args, work: Path, done: dict) -> dict:
+def train_stage(name: str, args, work: Path, done: dict) -> dict:
+    """Train one stage; its points carry the training time, the teacher's added in the totals."""
     stage = STAGES[name]
     teacher = done[stage.teacher] if stage.teacher else None
     started = time.time()
     points = train(name, args, work, teacher["points"][-1]["path"] if teacher else None)
     offset = teacher["points"][-1] if teacher else {"train_s": 0.0, "train_cpu_s": 0.0}
-    for i, point in enumerate(points):
+    for point in points:
         point["total_s"] = round(point["train_s"] + offset["train_s"], 1)
         point["total_cpu_s"] = round(point["train_cpu_s"] + offset["train_cpu_s"], 1)
-        samplers = stage.samplers + (stage.final_samplers if i == len(points) - 1 else ())
-        if samplers:
-            point.update(evaluate(name, point["path"], samplers, args))
-        print(name, point, flush=True)
     save_grids(name, points[-1]["path"], Path(args.results_dir))
     return {"label": stage.label, "preset": stage.preset, "extra_args": list(stage.extra), "teacher": stage.teacher,
             "date": time.strftime("%Y-%m-%d"), "machine": machine(), "num_samples": args.num_samples,
             "points": points, "stage_wall_s": round(time.time() - started)}
+
+
+def evaluations(done: dict) -> list[tuple[str, dict, tuple]]:
+    """(stage, point, samplers) to score: the cheap one- and two-step ones first, the Heun teacher last."""
+    cheap, costly = [], []
+    for name, record in done.items():
+        stage = STAGES[name]
+        for i, point in enumerate(record["points"]):
+            if stage.samplers:
+                cheap.append((name, point, stage.samplers))
+            if stage.final_samplers and i == len(record["points"]) - 1:
+                costly.append((name, point, stage.final_samplers))
+    return cheap + costly
 
 
 def plot(stages: dict, path: Path) -> None:
@@ -208,10 +218,18 @@ def main() -> None:
     previous = results / "quality_mnist.json"
     stages = json.loads(previous.read_text()).get("stages", {}) if previous.exists() else {}
     done = {}
-    for name in sorted(args.stages, key=list(STAGES).index):  # teachers first
-        done[name] = run_stage(name, args, work, done)
-        stages[name] = done[name]
-        previous.write_text(json.dumps({"stages": stages}, indent=2) + "\n")  # a finished stage survives a later failure
+
+    def write() -> None:  # after every stage and score: what is finished survives a later failure
+        previous.write_text(json.dumps({"stages": {**stages, **done}}, indent=2) + "\n")
+
+    for name in sorted(args.stages, key=list(STAGES).index):  # teachers first; all training, then all scoring
+        done[name] = train_stage(name, args, work, done)
+        write()
+    for name, point, samplers in evaluations(done):
+        point.update(evaluate(name, point["path"], samplers, args))
+        print(name, point, flush=True)
+        write()
+    stages.update(done)
     plot({k: stages[k] for k in STAGES if k in stages}, results / "quality_mnist.png")
     print(f"written to {previous}")
 

@@ -5,5 +5,6 @@ from callbacks.fid import FID
 from callbacks.interrupt import GracefulInterrupt
 from callbacks.sample_grid import SampleGrid
 from callbacks.sample_writer import SampleWriter
+from callbacks.step_search import StepSearch
 
-__all__ = ["FID", "FinalCheckpoint", "GracefulInterrupt", "SampleGrid", "SampleWriter"]
+__all__ = ["FID", "FinalCheckpoint", "GracefulInterrupt", "SampleGrid", "SampleWriter", "StepSearch"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from callbacks.fid import FID
+from callbacks.fid import FID, fid_function
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, tiny
 
@@ -18,16 +18,35 @@ def digits(n: int, seed: int) -> torch.Tensor:
     return x
 
 
-def test_fid_is_zero_for_identical_sets_and_large_for_noise():
-    metric = FID(num_samples=64)._metric()
+def test_fid_and_kid_are_zero_for_identical_sets_and_large_for_noise():
+    metric = FID(num_samples=64, kid_subset_size=100)._metric()
     real = digits(200, 0)
     metric.update(real, real=True)
     metric.update(real, real=False)
-    same = metric.compute().item()
+    same = metric.compute()
     metric.reset()  # keeps the real statistics
     metric.update(torch.rand(200, 1, 32, 32) * 2 - 1, real=False)
-    noise = metric.compute().item()
-    assert abs(same) < 1e-3 and noise > 100 * max(abs(same), 1e-2) and noise > 1.0
+    noise = metric.compute()
+    assert abs(same["fid"]) < 1e-3 and noise["fid"] > 100 * max(abs(same["fid"]), 1e-2) and noise["fid"] > 1.0
+    # KID: the unbiased MMD estimate is ~0 (either sign) for one distribution, clearly positive for another
+    assert abs(same["kid"]) < 0.02 * noise["kid"] and noise["kid"] > 10 * same["kid_std"] and noise["kid_std"] > 0
+    again = FID(num_samples=64, kid_subset_size=100)._metric()
+    again.update(real, real=True)
+    again.update(torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1, real=False)
+    metric.reset()
+    metric.update(torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1, real=False)
+    assert again.compute()["kid"] == metric.compute()["kid"]  # seeded subsets: the same images give the same KID
+
+
+def test_fid_as_a_function_scores_samplers_reproducibly():
+    torch.manual_seed(0)
+    m = tiny(image_size=32, channels=1, eval_weights="online")
+    score = fid_function(m, [digits(64, 0)], num_samples=32, batch_size=16, progress=False)
+    one, two = score([80.0]), score([80.0, 0.8])
+    assert torch.isfinite(torch.tensor(one)) and one > 0 and two != one
+    assert score([80.0]) == one  # per-image seeded noise: the same samples, the same FID
+    with pytest.raises(ValueError, match="at least 2 real images"):
+        fid_function(m, [digits(1, 0)], num_samples=4, progress=False)
 
 
 @pytest.mark.slow
@@ -38,13 +57,14 @@ def test_fid_is_logged_per_schedule_in_fit_and_test(tmp_path, fake_mnist):
     fid = FID(num_samples=40, test_num_samples=24, batch_size=16)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=[fid])
     trainer.fit(m, datamodule=dm)
-    assert int(fid._metrics["1step"].real_features_num_samples) == 30  # the whole validation split
-    for name in ("val/fid_1step", "val/fid_2step"):
-        assert torch.isfinite(trainer.callback_metrics[name]) and trainer.callback_metrics[name] > 0
-    assert int(fid._metrics["1step"].fake_features_num_samples) == 40
+    assert fid._metrics["1step"].real_count == 30  # the whole validation split
+    for name in ("val/fid_1step", "val/fid_2step", "val/kid_1step", "val/kid_2step_std"):
+        assert torch.isfinite(trainer.callback_metrics[name])
+    assert trainer.callback_metrics["val/fid_1step"] > 0 and trainer.callback_metrics["val/kid_1step"] > 0
+    assert fid._metrics["1step"].fake_count == 40
     results = trainer.test(m, datamodule=dm, verbose=False)[0]
-    assert {"test/fid_1step", "test/fid_2step", "test/loss"} <= set(results)
-    assert int(fid._metrics["1step"].fake_features_num_samples) == 24
+    assert {"test/fid_1step", "test/fid_2step", "test/kid_1step", "test/kid_2step", "test/kid_1step_std", "test/loss"} <= set(results)
+    assert fid._metrics["1step"].fake_count == 24
 
 
 @pytest.mark.parametrize(
