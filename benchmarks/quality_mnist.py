@@ -220,7 +220,8 @@ def main() -> None:
     done = {}
 
     def write() -> None:  # after every stage and score: what is finished survives a later failure
-        previous.write_text(json.dumps({"stages": {**stages, **done}}, indent=2) + "\n")
+        text = json.dumps({"stages": {**stages, **done}}, indent=2) + "\n"
+        previous.write_text(text.replace(f'"{ROOT}/', '"'))  # checkpoint paths relative to the repository
 
     for name in sorted(args.stages, key=list(STAGES).index):  # teachers first; all training, then all scoring
         done[name] = train_stage(name, args, work, done)
