@@ -147,13 +147,13 @@ def denoise(f: ConsistencyFn, noisy: Tensor, sigma: float, sigma_min: float = SI
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float) -> Tensor:
     """Spherical interpolation per sample: sin((1 − α)θ)/sin θ · z0 + sin(αθ)/sin θ · z1."""
-    a, b = z0.flatten(1).double(), z1.flatten(1).double()
-    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
-    theta = torch.arccos(cos).reshape(-1, *[1] * (z0.dim() - 1))
     if alpha == 0:
         return z0
     if alpha == 1:
         return z1
+    a, b = z0.flatten(1).double(), z1.flatten(1).double()
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.arccos(cos).reshape(-1, *[1] * (z0.dim() - 1))
     out = (torch.sin((1 - alpha) * theta) * z0.double() + torch.sin(alpha * theta) * z1.double()) / torch.sin(theta)
     return out.to(z0.dtype)
 

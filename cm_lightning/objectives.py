@@ -162,6 +162,8 @@ class EasyConsistencyTuning:
             raise ValueError(f"k, b and c must be >= 0, got k={k}, b={b}, c={c}")
         self.p_mean, self.p_std, self.mapping, self.q, self.k, self.b, self.c = p_mean, p_std, mapping, q, k, b, c
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        # Φ at the ends of [σ_min, σ_max] in ln t: the range of u that draw_t maps to t
+        self._u_range = tuple(0.5 * math.erfc(-((math.log(s) - p_mean) / p_std) / math.sqrt(2)) for s in (sigma_min, sigma_max))
 
     def r_of_t(self, t: Tensor, stage: int) -> Tensor:
         """r(t) at curriculum stage s (ECT's mapping), with r < σ_min set to 0."""
@@ -171,8 +173,7 @@ class EasyConsistencyTuning:
 
     def draw_t(self, count: int, device=None) -> Tensor:
         """t = exp(P_mean + P_std·Φ⁻¹(u)), u uniform on [Φ(a), Φ(b)]: the log-normal truncated to [σ_min, σ_max]."""
-        a, b = ((math.log(s) - self.p_mean) / self.p_std for s in (self.sigma_min, self.sigma_max))
-        lo, hi = (0.5 * math.erfc(-v / math.sqrt(2)) for v in (a, b))
+        lo, hi = self._u_range
         u = lo + (hi - lo) * torch.rand(count, dtype=torch.float64)
         t = (self.p_mean + self.p_std * torch.special.ndtri(u)).exp().clamp(self.sigma_min, self.sigma_max)
         return t.to(device, torch.float32)
