@@ -3,6 +3,8 @@ and any image DataModule.
 
     cm-lightning fit --config configs/mnist_quickstart.yaml
     cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path last --writer.output_dir samples
+    cm-lightning predict --config configs/mnist_quickstart.yaml --ckpt_path last --edit.kind inpaint \
+        --edit.images docs/edit_inputs/mnist --writer.output_dir edits
 """
 
 import shutil
@@ -17,6 +19,7 @@ from cm_lightning.base import GenerativeModule
 from cm_lightning.checkpoint_io import latest_checkpoint
 from cm_lightning.upgrade import is_legacy_file
 from datamodules import ImageDataModule
+from datamodules.edit import Edit
 
 
 class LRMonitor(LearningRateMonitor):
@@ -61,6 +64,7 @@ class ConsistencyCLI(LightningCLI):
         parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SampleWriter, "writer")  # acts in `predict` only
+        parser.add_class_arguments(Edit, "edit")  # `predict --edit.kind ...`: edit images instead of sampling
 
     def _parse_ckpt_path(self) -> None:
         """Before Lightning reads the checkpoint's hyper-parameters into the config: runs follow
@@ -120,8 +124,17 @@ class ConsistencyCLI(LightningCLI):
             # which the next `--ckpt_path last` would not pick.
             cfg.checkpoint.enable_version_counter = False
 
+    def before_predict(self) -> None:
+        """With ``--edit.kind``, predict edits: the edit's DataModule replaces the data's predict loader, every
+        input checked here, before the checkpoint's weights are loaded or anything is generated."""
+        edit = self.config_init["predict"]["edit"]
+        if edit.kind is not None:
+            self.datamodule = edit.datamodule(self.model, self.datamodule.batch_size, self.datamodule.num_workers)
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a launch that fails before its first optimizer step leaves no new, empty run folder."""
+        if subcommand != "predict" and self.config_init[subcommand]["edit"].kind is not None:
+            raise ValueError(f"--edit.kind works with `cm-lightning predict` only, not with `{subcommand}`")
         log_dir = next((Path(lg.log_dir) for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         created = [p for p in (log_dir, *log_dir.parents) if not p.exists()] if log_dir is not None else []
         try:

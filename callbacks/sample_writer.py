@@ -1,4 +1,5 @@
-"""Writes what ``cm-lightning predict`` generates: one PNG per image and/or one ``samples.npz``."""
+"""Writes what ``cm-lightning predict`` generates: one PNG per image and/or one ``samples.npz``; with
+``--edit.kind``, one PNG per edited image and an overview grid per batch."""
 
 import zipfile
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from torchvision.io import write_png
+from torchvision.utils import make_grid
 
 from cm_lightning.checkpoint_io import atomic_write
 
@@ -36,6 +38,7 @@ class SampleWriter(BasePredictionWriter):
             raise ValueError(f"formats must be a non-empty list drawn from {FORMATS}, got {formats}")
         self.output_dir, self.formats = output_dir, formats
         self._parts: list[tuple[Tensor, Tensor]] = []
+        self._edited = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
@@ -45,13 +48,15 @@ class SampleWriter(BasePredictionWriter):
             raise FileExistsError(f"{self.folder} already holds samples: choose another output_dir or move them away")
         trainer.strategy.barrier()  # no rank writes before every rank has checked the folder
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._parts = []
+        self._parts, self._edited = [], False
 
     @staticmethod
     def _ours(path: Path) -> bool:
         return path.suffix == ".png" or path.name == "samples.npz"
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if isinstance(prediction, dict):
+            return self.write_edits(prediction)
         images, indices = to_uint8(prediction).cpu(), batch.cpu()
         if "png" in self.formats:
             for index, image in zip(indices.tolist(), images):
@@ -59,7 +64,27 @@ class SampleWriter(BasePredictionWriter):
         if "npz" in self.formats:
             self._parts.append((indices, images))
 
+    def write_edits(self, out: dict) -> None:
+        """An edit batch (``--edit.kind``): ``<index>.png`` per result (``interpolate``: the row of one noise
+        pair) and ``overview_<first index>.png``: references, inputs and results as rows (``interpolate``: one
+        row per pair). Edits write PNGs only."""
+        indices = out["index"].cpu().tolist()
+        result = out["result"].cpu()
+        for index, image in zip(indices, result):
+            if image.dim() == 4:  # a row of interpolations
+                image = make_grid(image, nrow=len(image), padding=0)
+            atomic_write(self.folder / f"{index:06d}.png", lambda tmp: write_png(to_uint8(image), str(tmp)))
+        if result.dim() == 5:
+            rows, ncol = result.flatten(0, 1), result.shape[1]
+        else:
+            rows, ncol = torch.cat([out["reference"].cpu(), out["degraded"].cpu(), result]), len(result)
+        grid = to_uint8(make_grid(rows, nrow=ncol, padding=2, pad_value=1.0))
+        atomic_write(self.folder / f"overview_{indices[0]:06d}.png", lambda tmp: write_png(grid, str(tmp)))
+        self._edited = True
+
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if self._edited:
+            return
         if "npz" not in self.formats:
             return
         rank_file = self.folder / f".part{trainer.global_rank}.pt"
@@ -79,7 +104,8 @@ class SampleWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            print(f"Samples written to {self.folder} ({', '.join(self.formats)})")
+            what = "Edits written to {} (png, overview_*.png)" if self._edited else "Samples written to {} (" + ", ".join(self.formats) + ")"
+            print(what.format(self.folder))
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -163,3 +163,65 @@ def interpolate(f: ConsistencyFn, z0: Tensor, z1: Tensor, alphas: Sequence[float
     α = 0 and 1 are exactly the one-step samples of z0 and z1."""
     ones = z0.new_ones(len(z0))
     return torch.stack([f(sigma_max * slerp(z0, z1, a), sigma_max * ones).clamp(-1, 1) for a in alphas])
+
+
+# -- a batch of edits (what ``cm-lightning predict --edit.kind ...`` runs) -----------------------------
+
+EDITS = ("inpaint", "colorize", "super_resolve", "denoise", "interpolate")
+
+
+@dataclass  # (not frozen: Lightning moves batches, task included, with apply_to_collection, which refuses frozen ones)
+class EditTask:
+    """One kind of edit with its settings, applied to batches the edit DataModule prepares.
+
+    kind: one of EDITS; sigmas: the replacement loop's noise levels (inpaint, colorize, super_resolve);
+    factor: super-resolution patch side p; noise_level: σ of ``denoise``'s inputs, whose noise is added here
+    unless ``add_noise`` is False (inputs that are noisy already); alphas: the slerp
+    weights of ``interpolate``; sigma_max: its one-step level.
+    """
+
+    kind: str
+    sigmas: tuple[float, ...] = (80.0,)
+    factor: int = 4
+    noise_level: float = 0.5
+    add_noise: bool = True
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
+    sigma_max: float = 80.0
+
+    def __post_init__(self):
+        if self.kind not in EDITS:
+            raise ValueError(f"the edit kind must be one of {EDITS}, got {self.kind!r}")
+
+    @property
+    def num_draws(self) -> int:
+        """Noise draws per item: z_1 … z_J of the loop; the one noise of ``denoise``; z0 and z1 of ``interpolate``."""
+        return {"denoise": 1, "interpolate": 2}.get(self.kind, len(self.sigmas))
+
+    def constraint(self, batch: dict) -> Constraint:
+        if self.kind == "inpaint":
+            return Constraint(batch["keep"].bool())
+        if self.kind == "colorize":
+            return luminance_constraint(batch["reference"].shape[1])
+        return patch_mean_constraint(batch["reference"].shape[-1], self.factor)
+
+    def degrade(self, batch: dict) -> Tensor:
+        """What the edit is given, as an image: the known part with the rest zeroed (grey), or the noisy image."""
+        if self.kind == "denoise":
+            return batch["reference"] + self.noise_level * batch["noise"][:, 0] if self.add_noise else batch["reference"]
+        return self.constraint(batch).replace(batch["reference"], torch.zeros_like(batch["reference"]))
+
+    @torch.no_grad()
+    def __call__(self, f: ConsistencyFn, batch: dict, sigma_min: float = SIGMA_MIN) -> dict[str, Tensor]:
+        """The results of one batch: ``{"index", "result", "reference", "degraded"}`` (``interpolate``: result
+        (B, len(alphas), C, H, W) and no reference). ``batch["noise"]`` is (B, num_draws, C, H, W)."""
+        noise = batch["noise"].transpose(0, 1)  # (num_draws, B, C, H, W)
+        out = {"index": batch["index"]}
+        if self.kind == "interpolate":
+            out["result"] = interpolate(f, noise[0], noise[1], self.alphas, self.sigma_max).transpose(0, 1)
+            return out
+        degraded = self.degrade(batch)
+        if self.kind == "denoise":
+            result = denoise(f, degraded, self.noise_level, sigma_min)
+        else:
+            result = edit(f, batch["reference"], self.constraint(batch), self.sigmas, noise=noise, sigma_min=sigma_min)
+        return out | {"result": result, "reference": batch["reference"], "degraded": degraded.clamp(-1, 1)}

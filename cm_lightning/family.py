@@ -63,6 +63,19 @@ class ConsistencyModule(GenerativeModule):
                     f.net.load_state_dict(state)
             self._started = True
 
+    def predict_step(self, batch, batch_idx: int):
+        """Sample indices: images (GenerativeModule); an edit batch (``cm-lightning predict --edit.kind``, a dict
+        with its ``task``): the task applied with the ``eval_weights`` network in eval mode."""
+        if not isinstance(batch, dict):
+            return super().predict_step(batch, batch_idx)
+        f = self.network(self.hparams.eval_weights)
+        was_training = f.training
+        f.eval()
+        try:
+            return batch["task"](f, batch, self.hparams.sigma_min)
+        finally:
+            f.train(was_training)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self._init_sha256 is not None:

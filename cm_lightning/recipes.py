@@ -20,7 +20,9 @@ def ct_num_scales(k: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
 
 
 def ct_target_ema(num_scales: int, s0: int = 2, mu0: float = 0.9) -> float:
-    """μ(k) = exp(s0 ln μ0 / (N(k) − 1)) (CM paper, Appendix C)."""
+    """μ(k) = exp(s0 ln μ0 / (N(k) − 1)) (CM paper, Appendix C); μ0 = 0 gives μ ≡ 0 (target sg θ, as iCT)."""
+    if mu0 == 0:
+        return 0.0
     return math.exp(s0 * math.log(mu0) / (num_scales - 1))
 
 
@@ -99,8 +101,8 @@ def make_recipe(name: str, s0: int | None, s1: int | None, mu0: float, p_mean: f
         raise ValueError(f"s0 must be >= 1, got s0={s0}")
     if s1 < s0:
         raise ValueError(f"s1 must be >= s0, got s0={s0}, s1={s1}")
-    if name == "ct" and not 0 < mu0 < 1:
-        raise ValueError(f"mu0 must lie in (0, 1), got mu0={mu0}")
+    if name == "ct" and not 0 <= mu0 < 1:
+        raise ValueError(f"mu0 must lie in [0, 1), got mu0={mu0}")
     if not p_std > 0:
         raise ValueError(f"p_std must be > 0, got p_std={p_std}")
     return Recipe(name, s0, s1, mu0, p_mean, p_std)

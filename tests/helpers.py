@@ -5,6 +5,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import lightning
 import torch
 from PIL import Image
 from lightning.pytorch import Trainer
@@ -35,7 +36,8 @@ def module_checkpoint(path: Path, cls=DiffusionModule, **kwargs) -> Path:
     torch.manual_seed(1)
     m = tiny(cls, ema_decays=[0.9], **kwargs)
     randomise(m)
-    checkpoint = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
+    checkpoint = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                  "pytorch-lightning_version": lightning.__version__}
     m.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path

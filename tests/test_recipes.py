@@ -29,6 +29,7 @@ def test_ct_num_scales(k, K, want):
 def test_ct_target_ema(num_scales, want):
     # μ = exp(s0 ln μ0 / (N − 1)) = μ0^(s0 / (N − 1))
     assert ct_target_ema(num_scales, s0=2, mu0=0.9) == pytest.approx(want, rel=1e-12)
+    assert ct_target_ema(num_scales, s0=2, mu0=0.0) == 0.0  # μ0 = 0: the target is sg θ at every N
 
 
 @pytest.mark.parametrize(
@@ -105,7 +106,7 @@ def test_l2_and_l1_are_per_sample_means():
         (("lct", None, None, 0.9, -1.1, 2.0), r"recipe must be one of \('ct', 'ict'\), got 'lct'"),
         (("ict", 0, None, 0.9, -1.1, 2.0), "s0 must be >= 1, got s0=0"),
         (("ict", 10, 5, 0.9, -1.1, 2.0), "s1 must be >= s0, got s0=10, s1=5"),
-        (("ct", None, None, 1.0, -1.1, 2.0), r"mu0 must lie in \(0, 1\), got mu0=1.0"),
+        (("ct", None, None, 1.0, -1.1, 2.0), r"mu0 must lie in \[0, 1\), got mu0=1.0"),
         (("ict", None, None, 0.9, -1.1, 0.0), "p_std must be > 0, got p_std=0.0"),
     ],
 )
