@@ -173,3 +173,15 @@ def test_denoising_task_adds_seeded_noise_and_maps_it_back_in_one_step():
     torch.testing.assert_close(out["result"], ((reference + 0.3 * noise[:, 0]) * 0.5).clamp(-1, 1))
     given = EditTask("denoise", noise_level=0.3, add_noise=False)(net, batch)  # inputs noisy already
     torch.testing.assert_close(given["result"], (reference * 0.5).clamp(-1, 1))
+
+
+@pytest.mark.slow
+def test_edits_over_two_ranks_equal_one_process(fake_mnist, tmp_path, mnist_ckpt):
+    refs = tmp_path / "refs"
+    write_images(refs, 5, (32, 32), "L")
+    args = [*tiny_args(fake_mnist), "--edit.kind=inpaint", f"--edit.images={refs}", "--edit.mask=strokes", "--data.batch_size=2"]
+    edit(args, tmp_path, mnist_ckpt, tmp_path / "one")
+    edit([*args, "--trainer.strategy=ddp_spawn", "--trainer.devices=2"], tmp_path, mnist_ckpt, tmp_path / "two")
+    for i in range(5):  # each rank edits its share; every image is the one a single process makes
+        assert (tmp_path / "one" / f"{i:06d}.png").read_bytes() == (tmp_path / "two" / f"{i:06d}.png").read_bytes()
+    assert len(list((tmp_path / "two").glob("overview_*.png"))) == 3  # 5 images, 2 per batch, over the ranks
