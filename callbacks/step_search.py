@@ -23,19 +23,23 @@ class StepSearch(FID):
     Generation is spread over the ranks like the FID callback's; every rank takes the same decisions.
     """
 
-    def __init__(self, steps: int = 2, num_scales: int = 40, num_samples: int = 10000, output: str | None = None, **kwargs):
+    def __init__(self, steps: int = 2, num_scales: int = 40, num_samples: int = 10000, output: str | None = None,
+                 baseline: list[float] | None = [80.0, 0.8], **kwargs):
         """
         Args:
             steps: levels of the schedule to find (2: σ_max and one intermediate level).
             num_scales: the Karras grid the levels are chosen from (the reference: 40).
             num_samples: generated images per candidate schedule.
             output: a JSON file for the found schedule, its FID and every candidate scored.
+            baseline: a schedule scored first on the same images, to compare the found one with (the usual
+                two-step [80, 0.8]); None skips it.
             **kwargs: the FID callback's (feature, batch_size, seed, weights, inception_weights).
         """
         super().__init__(num_samples=num_samples, kid=False, **kwargs)
         if steps < 2 or num_scales < steps + 1:
             raise ValueError(f"steps must be >= 2 and num_scales > steps, got steps={steps}, num_scales={num_scales}")
         self.steps, self.num_scales, self.output = steps, num_scales, output
+        self.baseline = [float(s) for s in baseline] if baseline else None
         self.result: dict | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -43,6 +47,8 @@ class StepSearch(FID):
         self._metrics = {}
 
     def check_model(self, pl_module) -> None:
+        if self.baseline is not None:
+            pl_module.sampler(self.baseline)  # refused now, by the model's rules, not after the search
         if not isinstance(pl_module, ConsistencyModule):
             raise ValueError(f"StepSearch chooses the noise levels of consistency sampling; a {type(pl_module).__name__} "
                              "is not a consistency model (a diffusion model's steps are set by heun<N> / euler<N>)")
@@ -64,12 +70,16 @@ class StepSearch(FID):
             rank_zero_info(f"  {[round(s, 4) for s in schedule]}: FID {value:.2f}")
 
         h = pl_module.hparams
+        baseline = None
+        if self.baseline is not None:
+            baseline = {"schedule": self.baseline, "fid": score(self.baseline)}
+            rank_zero_info(f"Baseline {self.baseline}: FID {baseline['fid']:.2f}")
         rank_zero_info(f"Searching a {self.steps}-level schedule on a {self.num_scales}-level Karras grid "
                        f"({self.num_samples} images per candidate):")
         schedule, best, scored = search_schedule(score, self.steps, self.num_scales, h.sigma_min, h.sigma_max, h.rho, report)
         schedule = [round(s, 4) for s in schedule]
         pl_module.log("test/search_fid", best, sync_dist=False, rank_zero_only=False)
-        self.result = {"schedule": schedule, "fid": best, "num_samples": self.num_samples,
+        self.result = {"schedule": schedule, "fid": best, "num_samples": self.num_samples, "baseline": baseline,
                        "scored": [{"schedule": list(k), "fid": v} for k, v in scored.items()]}
         rank_zero_info(f"Best schedule {schedule}: FID {best:.2f}. Use it with --model.predict_sampler '{schedule}' "
                        f"or module.sample(n, {schedule}).")

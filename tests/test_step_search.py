@@ -64,6 +64,8 @@ def test_step_search_refuses_a_diffusion_model_and_bad_settings():
         StepSearch().check_model(tiny(DiffusionModule))
     with pytest.raises(ValueError, match="steps must be >= 2"):
         StepSearch(steps=1)
+    with pytest.raises(ValueError, match="0.8, 80.0"):  # an increasing baseline, refused in setup, before any work
+        StepSearch(baseline=[0.8, 80.0]).check_model(tiny())
 
 
 @pytest.mark.slow
@@ -76,6 +78,8 @@ def test_step_search_from_the_command_line_writes_a_schedule_that_predict_takes(
     schedule, grid = result["schedule"], karras_sigmas(8).tolist()
     assert schedule[0] == 80.0 and len(schedule) == 2 and any(abs(schedule[1] - g) < 1e-3 for g in grid[1:-1])
     assert result["fid"] == min(r["fid"] for r in result["scored"]) and len(result["scored"]) >= 3
+    baseline = result["baseline"]  # [80, 0.8] on the same images: the found schedule's reference point
+    assert baseline["schedule"] == [80.0, 0.8] and baseline["fid"] > 0
     main(["predict", *common, "--data.predict_num_samples=4", f"--writer.output_dir={tmp_path / 'samples'}",
           f"--model.predict_sampler={schedule}"])
     assert len(list((tmp_path / "samples").glob("*.png"))) == 4
