@@ -16,7 +16,7 @@ class StepSearch(FID):
     schedule by FID on the test set, as the reference code's ternary search. Runs in ``test``:
 
         cm-lightning test --config configs/mnist_quickstart.yaml --data.data_dir ../shared/data --ckpt_path last \\
-            --trainer.callbacks+=callbacks.StepSearch --trainer.callbacks.num_samples=2000
+            --trainer.callbacks=callbacks.StepSearch --trainer.callbacks.num_samples=2000
 
     Logs ``test/search_fid`` (the best schedule's FID), prints every candidate and the found schedule in
     the form ``--model.predict_sampler`` and ``sample`` take, and writes them to ``output`` (JSON) if given.

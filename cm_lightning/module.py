@@ -42,7 +42,7 @@ class ConsistencyTrainingModule(ConsistencyModule):
             loss: distance d; None takes the recipe's ("l2" for ct, "pseudo_huber" for ict).
             s0: initial discretisation steps; None takes the recipe's (ct 2, ict 10).
             s1: final discretisation steps; None takes the recipe's (ct 150, ict 1280).
-            mu0: target EMA decay at the start of the ct curriculum.
+            mu0: target EMA decay at the start of the ct curriculum; 0: no EMA, the target is sg θ (as iCT).
             p_mean: mean of ln σ for the iCT index distribution.
             p_std: standard deviation of ln σ for the iCT index distribution.
             total_steps: K of the curriculum; None takes the Trainer's total optimizer steps.
@@ -61,8 +61,8 @@ class ConsistencyTrainingModule(ConsistencyModule):
         h, self.recipe = self.hparams, schedule
         self.metric = METRICS[loss or DEFAULTS[recipe]["loss"]]
         self.objective = ConsistencyTraining(self.recipe, self.metric, h.sigma_min, h.sigma_max, h.rho)
-        # iCT's target is stop-gradient(θ): the online network itself, no copy (μ ≡ 0).
-        if recipe == "ct":
+        # iCT's target (and CT's with μ0 = 0) is stop-gradient(θ): the online network itself, no copy (μ ≡ 0).
+        if recipe == "ct" and schedule.mu0 > 0:
             self.target = copy.deepcopy(self.online).requires_grad_(False)
         self._total_steps = total_steps
 
@@ -70,7 +70,7 @@ class ConsistencyTrainingModule(ConsistencyModule):
     def structure_of(cls, hparams: dict) -> dict:
         out = super().structure_of(hparams)
         if "recipe" in hparams:
-            out["target network (recipe ct)"] = hparams["recipe"] == "ct"
+            out["target network (recipe ct, mu0 > 0)"] = hparams["recipe"] == "ct" and hparams.get("mu0", 0.9) > 0
         return out
 
     def setup(self, stage: str) -> None:

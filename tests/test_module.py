@@ -11,16 +11,17 @@ from cm_lightning.recipes import ct_num_scales, ct_target_ema
 from tests.helpers import make_trainer, randomise, tiny
 
 
-@pytest.mark.parametrize("recipe, metric", [("ict", pseudo_huber), ("ct", squared_l2)])
-def test_consistency_loss_matches_definition(recipe, metric):
+@pytest.mark.parametrize("recipe, metric, mu0", [("ict", pseudo_huber, 0.9), ("ct", squared_l2, 0.9), ("ct", squared_l2, 0.0)])
+def test_consistency_loss_matches_definition(recipe, metric, mu0):
     torch.manual_seed(0)
-    m = tiny(recipe=recipe)
+    m = tiny(recipe=recipe, mu0=mu0)
     randomise(m.online)
+    assert (m.target is not None) == (recipe == "ct" and mu0 > 0)  # μ0 = 0: the target is sg θ, no copy
     if m.target is not None:
         randomise(m.target)  # θ⁻ ≠ θ
     x, z = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)
     sn, snext = torch.tensor([0.002, 0.1, 1.0, 40.0]), torch.tensor([0.01, 0.2, 1.5, 80.0])
-    target_fn = m.target if recipe == "ct" else m.online
+    target_fn = m.target if m.target is not None else m.online
     with torch.no_grad():
         student = m.online(x + snext.view(-1, 1, 1, 1) * z, snext)
         target = target_fn(x + sn.view(-1, 1, 1, 1) * z, sn)
@@ -29,7 +30,7 @@ def test_consistency_loss_matches_definition(recipe, metric):
     got = m.consistency_loss(x, z, sn, snext)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     got.backward()
-    assert all(p.grad is None for p in target_fn.parameters()) if recipe == "ct" else True
+    assert all(p.grad is None for p in target_fn.parameters()) if m.target is not None else True
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.online.parameters())
 
 

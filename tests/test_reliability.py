@@ -64,7 +64,7 @@ def test_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
     path = tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"
     other = tiny(model_channels=16, recipe="ict", ema_decays=[0.9, 0.99])
     pattern = (r"net.model_channels: checkpoint 8, model 16; number of ema_decays: checkpoint 1, model 2; "
-               r"target network \(recipe ct\): checkpoint True, model False")
+               r"target network \(recipe ct, mu0 > 0\): checkpoint True, model False")
     with pytest.raises(ValueError, match=pattern):
         make_trainer(tmp_path, max_steps=2).fit(other, data(), ckpt_path=path)
     loaded = ConsistencyTrainingModule.load_from_checkpoint(path, weights_only=True)  # the file alone suffices
