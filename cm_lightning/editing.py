@@ -205,10 +205,15 @@ class EditTask:
         return patch_mean_constraint(batch["reference"].shape[-1], self.factor)
 
     def degrade(self, batch: dict) -> Tensor:
-        """What the edit is given, as an image: the known part with the rest zeroed (grey), or the noisy image."""
+        """What the edit is given, as an image: the noisy image (denoise), the grey image of the luminance
+        (colorize), else the known part with the rest zeroed (mid-grey pixels, or the patch means)."""
+        reference = batch["reference"]
         if self.kind == "denoise":
-            return batch["reference"] + self.noise_level * batch["noise"][:, 0] if self.add_noise else batch["reference"]
-        return self.constraint(batch).replace(batch["reference"], torch.zeros_like(batch["reference"]))
+            return reference + self.noise_level * batch["noise"][:, 0] if self.add_noise else reference
+        if self.kind == "colorize":
+            weights = torch.tensor(LUMINANCE, dtype=reference.dtype, device=reference.device).reshape(1, 3, 1, 1)
+            return (reference * weights).sum(1, keepdim=True).expand_as(reference)
+        return self.constraint(batch).replace(reference, torch.zeros_like(reference))
 
     @torch.no_grad()
     def __call__(self, f: ConsistencyFn, batch: dict, sigma_min: float = SIGMA_MIN) -> dict[str, Tensor]:

@@ -155,6 +155,10 @@ def test_colourisation_and_super_resolution_from_the_command_line_keep_luminance
     assert inside.float().mean() > 0.5
     assert ((out * w).sum(1) - (refs_uint8 * w).sum(1))[inside].abs().max() <= 1.0  # luminance kept, to uint8 rounding
     assert (out - refs_uint8).abs().max() > 20  # the colours are the model's
+    overview = png(tmp_path / "colour" / "overview_000000.png").float()  # the input row: grey, R = G = B = luminance
+    inputs = overview[:, 36:68, 2:34]
+    assert torch.equal(inputs[0], inputs[1]) and torch.equal(inputs[1], inputs[2])
+    assert (inputs[0] - (refs_uint8[0] * w[0]).sum(0)).abs().max() <= 1.0
     edit([*data, "--edit.kind=super_resolve", "--edit.factor=4", f"--edit.images={refs}"], tmp_path, ckpt, tmp_path / "sr")
     out = torch.stack([png(tmp_path / "sr" / f"{i:06d}.png") for i in range(3)]).float()
     inside = F.max_pool2d(((out == 0) | (out == 255)).float(), 4) == 0  # patches with no clipped pixel
