@@ -68,13 +68,8 @@ class ConsistencyModule(GenerativeModule):
         with its ``task``): the task applied with the ``eval_weights`` network in eval mode."""
         if not isinstance(batch, dict):
             return super().predict_step(batch, batch_idx)
-        f = self.network(self.hparams.eval_weights)
-        was_training = f.training
-        f.eval()
-        try:
+        with self.evaluating() as f:
             return batch["task"](f, batch, self.hparams.sigma_min)
-        finally:
-            f.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

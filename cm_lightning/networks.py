@@ -5,7 +5,8 @@ A network is any ``nn.Module`` F(c_in·x, c_noise) → image-shaped output whose
 Checkpoints store it as plain data, {"class_path", "init_args"}, so they load with ``weights_only``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -111,12 +112,18 @@ class Sampling:
     @torch.no_grad()
     def sample_from_noise(self, noise: Tensor, sampler, weights: str | None = None) -> Tensor:
         """Images from given noise (num_draws, B, C, H, W): the sampler behind ``sample`` and ``predict``."""
-        sampler, f = self.sampler(sampler), self.network(weights or self.hparams.eval_weights)
+        sampler, h = self.sampler(sampler), self.hparams
+        with self.evaluating(weights) as f:
+            return sampler(f, noise.to(self.device), h.sigma_min, h.sigma_max, h.rho)
+
+    @contextmanager
+    def evaluating(self, weights: str | None = None) -> Iterator[nn.Module]:
+        """The named network (None: ``eval_weights``) in eval mode, its previous mode restored afterwards."""
+        f = self.network(weights or self.hparams.eval_weights)
         was_training = f.training
         f.eval()
         try:
-            h = self.hparams
-            return sampler(f, noise.to(self.device), h.sigma_min, h.sigma_max, h.rho)
+            yield f
         finally:
             f.train(was_training)
 
