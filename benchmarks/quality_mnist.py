@@ -1,6 +1,7 @@
 """FID against training time on real MNIST for each method's preset: which command for which CPU budget.
 
     python benchmarks/quality_mnist.py [--stages ict edm cd] [--data-dir ../shared/data] [--points 3]
+    python benchmarks/quality_mnist.py --score-only   # finish the scoring of an interrupted run
 
 Every stage trains its preset as a user would (``cm-lightning fit --config configs/<preset>``, the same
 settings and length; validation off) and saves checkpoints at ``points`` equally spaced steps, recording
@@ -127,6 +128,11 @@ def train(name: str, args, work: Path, teacher: str | None) -> list[dict]:
     return saver.saved
 
 
+def fid_key(sampler) -> str:
+    """The key the FID callback logs a sampler's score under, without the ``test/`` prefix."""
+    return f"fid_{sampler}" if isinstance(sampler, str) else f"fid_{len(sampler)}step"
+
+
 def evaluate(name: str, path: str, samplers: tuple, args) -> dict[str, float]:
     module = module_class(STAGES[name]).load_from_checkpoint(path, map_location="cpu", weights_only=True)
     fid = FID(num_samples=args.num_samples, samplers=[list(s) if isinstance(s, tuple) else s for s in samplers],
@@ -212,12 +218,14 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "quality_mnist"))
+    parser.add_argument("--score-only", action="store_true",
+                        help="train nothing: score the checkpoints recorded in the results file that lack a score")
     args = parser.parse_args()
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; accepted: {list(STAGES)}")
     missing = [f"{s} needs {STAGES[s].teacher}" for s in args.stages if STAGES[s].teacher and STAGES[s].teacher not in args.stages]
-    if missing:
+    if missing and not args.score_only:
         parser.error("a distilled stage trains from its teacher in the same run: " + "; ".join(missing))
     if args.points < 1 or args.num_samples < 2:
         parser.error(f"--points must be >= 1 (got {args.points}) and --num-samples >= 2 (got {args.num_samples})")
@@ -233,10 +241,18 @@ def main() -> None:
         text = json.dumps({"stages": {**stages, **done}}, indent=2) + "\n"
         previous.write_text(text.replace(f'"{ROOT}/', '"'))  # checkpoint paths relative to the repository
 
-    for name in sorted(args.stages, key=list(STAGES).index):  # teachers first; all training, then all scoring
+    if args.score_only:
+        absent = [s for s in args.stages if s not in stages]
+        if absent:
+            parser.error(f"--score-only: no record of stage(s) {absent} in {previous}; recorded: {list(stages)}")
+        done = {name: stages[name] for name in args.stages}
+    for name in [] if args.score_only else sorted(args.stages, key=list(STAGES).index):  # teachers first; all training, then all scoring
         done[name] = train_stage(name, args, work, done)
         write()
     for name, point, samplers in evaluations(done):
+        samplers = tuple(s for s in samplers if fid_key(s) not in point)
+        if not samplers:  # scored by an earlier, interrupted run of this script
+            continue
         point.update(evaluate(name, point["path"], samplers, args))
         print(name, point, flush=True)
         write()
