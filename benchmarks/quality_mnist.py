@@ -246,9 +246,10 @@ def main() -> None:
         if absent:
             parser.error(f"--score-only: no record of stage(s) {absent} in {previous}; recorded: {list(stages)}")
         done = {name: stages[name] for name in args.stages}
-    for name in [] if args.score_only else sorted(args.stages, key=list(STAGES).index):  # teachers first; all training, then all scoring
-        done[name] = train_stage(name, args, work, done)
-        write()
+    else:
+        for name in sorted(args.stages, key=list(STAGES).index):  # teachers first; all training, then all scoring
+            done[name] = train_stage(name, args, work, done)
+            write()
     for name, point, samplers in evaluations(done):
         samplers = tuple(s for s in samplers if fid_key(s) not in point)
         if not samplers:  # scored by an earlier, interrupted run of this script
