@@ -15,9 +15,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
-from cm_lightning.base import GenerativeModule
-from cm_lightning.checkpoint_io import latest_checkpoint
-from cm_lightning.upgrade import is_legacy_file
+from cm_lightning.methods.base import GenerativeModule
+from cm_lightning.io.files import latest_checkpoint
+from cm_lightning.io.upgrade import is_legacy_file
 from datamodules import ImageDataModule
 from datamodules.edit import Edit
 
@@ -91,7 +91,7 @@ class ConsistencyCLI(LightningCLI):
             if is_legacy_file(cfg.get("ckpt_path")):
                 raise ValueError(
                     f"{cfg.ckpt_path} was written by cm-lightning 0.1, before the network became --model.net. "
-                    f"Convert it (the old file is kept): python -m cm_lightning.upgrade {cfg.ckpt_path} <new>.ckpt"
+                    f"Convert it (the old file is kept): python -m cm_lightning.io.upgrade {cfg.ckpt_path} <new>.ckpt"
                 ) from None
             raise
         for key, value in chosen.items():
@@ -175,7 +175,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI
             "default_root_dir": RUNS,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS}},
             "callbacks": [LRMonitor(logging_interval="step"), GracefulInterrupt()],
-            "plugins": {"class_path": "cm_lightning.checkpoint_io.AtomicCheckpointIO"},
+            "plugins": {"class_path": "cm_lightning.io.files.AtomicCheckpointIO"},
         },
         save_config_kwargs={"overwrite": True},
         args=args,

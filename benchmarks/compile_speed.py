@@ -14,7 +14,7 @@ import time
 import torch
 
 from common import build_module, load_preset, machine, median, preset_channels, sync, timed, write_result
-from cm_lightning.karras import karras_sigmas
+from cm_lightning.core.karras import karras_sigmas
 
 
 def build(config: dict, compile: bool, device: str):

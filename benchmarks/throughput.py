@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import build_module, fit_speed, load_preset, machine, matmul_peak, median, preset_channels, sync, timed, write_result
-from cm_lightning.ema import ema_decay, update_ema
-from cm_lightning.karras import c_noise, karras_sigmas
+from cm_lightning.core.ema import ema_decay, update_ema
+from cm_lightning.core.karras import c_noise, karras_sigmas
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

@@ -7,9 +7,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from tqdm.auto import tqdm
 
-from cm_lightning.base import images_of
-from cm_lightning.sampling import parse_sampler
-from cm_lightning.mnist_classifier import MNISTClassifier
+from cm_lightning.methods.base import images_of
+from cm_lightning.sampling.samplers import parse_sampler
+from cm_lightning.nets.mnist_classifier import MNISTClassifier
 
 FEATURES = ("mnist", "inception")
 

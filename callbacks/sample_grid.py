@@ -7,7 +7,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
-from cm_lightning.checkpoint_io import atomic_write
+from cm_lightning.io.files import atomic_write
 
 
 class SampleGrid(Callback):

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
-from cm_lightning.checkpoint_io import atomic_write
+from cm_lightning.io.files import atomic_write
 
 FORMATS = ("png", "npz")
 

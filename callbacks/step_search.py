@@ -6,8 +6,8 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.fid import FID, _datamodule
-from cm_lightning.family import ConsistencyModule
-from cm_lightning.step_search import search_schedule
+from cm_lightning.methods.consistency import ConsistencyModule
+from cm_lightning.sampling.schedule_search import search_schedule
 
 
 class StepSearch(FID):

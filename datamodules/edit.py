@@ -2,7 +2,7 @@
 DataModule does), masks, seeded noise, in batches for ``Trainer.predict``.
 
 The edit runs as ``predict`` so that it uses every device, node and precision ``predict`` does: Lightning
-splits the items over the ranks, the module applies ``EditTask`` (``cm_lightning.editing``) with its
+splits the items over the ranks, the module applies ``EditTask`` (``cm_lightning.sampling.editing``) with its
 evaluation network, and ``SampleWriter`` writes one result per reference and one overview grid per batch.
 The geometry (image size, channels) is the model's, which the preset's ``--config`` gives; the images are
 brought to it.
@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from cm_lightning.consistency import indexed_noise
-from cm_lightning.editing import EDITS, EditTask
-from cm_lightning.karras import SIGMA_MAX, SIGMA_MIN
+from cm_lightning.core.noise import indexed_noise
+from cm_lightning.sampling.editing import EDITS, EditTask
+from cm_lightning.core.karras import SIGMA_MAX, SIGMA_MIN
 from datamodules.image_folder import ImageFiles, list_images
 
 MASKS = ("box", "left", "right", "top", "bottom", "strokes")
@@ -168,7 +168,7 @@ class Edit:
 
     def datamodule(self, module, batch_size: int, num_workers: int = 0) -> "EditDataModule":
         """The edit's DataModule for ``module`` (a consistency model), every input checked before any work."""
-        from cm_lightning.family import ConsistencyModule  # (the module layer does not import the data layer)
+        from cm_lightning.methods.consistency import ConsistencyModule  # (the module layer does not import the data layer)
 
         if not isinstance(module, ConsistencyModule):
             raise TypeError(

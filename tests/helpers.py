@@ -58,7 +58,7 @@ def make_trainer(tmp_path, **kwargs) -> Trainer:
 def tiny_args(data_dir: Path, model: str = "ConsistencyTrainingModule") -> list[str]:
     return [
         "--data", "MNISTDataModule", f"--data.data_dir={data_dir}", "--data.batch_size=8", "--model", model,
-        "--model.net", "cm_lightning.unet.UNet", "--model.net.model_channels=8", "--model.net.channel_mult=[1, 2]",
+        "--model.net", "cm_lightning.UNet", "--model.net.model_channels=8", "--model.net.channel_mult=[1, 2]",
         "--model.net.num_res_blocks=1", "--model.net.attn_resolutions=[16]", "--trainer.enable_progress_bar=false",
         "--trainer.accelerator=cpu",
     ]

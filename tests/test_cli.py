@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cli import build_cli, main
 from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule, EasyConsistencyTuningModule,
                           SamplingModule)
-from cm_lightning.recipes import ict_num_scales
+from cm_lightning.core.recipes import ict_num_scales
 from tests.helpers import MAX_STEPS, fit_args, tiny_args
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from cli import main
 from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule
-from cm_lightning.losses import squared_l2
-from cm_lightning.objectives import ConsistencyDistillation
-from cm_lightning.sampling import ode_step
+from cm_lightning.core.losses import squared_l2
+from cm_lightning.core.objectives import ConsistencyDistillation
+from cm_lightning.core.ode import ode_step
 from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args
 
 S = 0.5  # data ~ N(0, S² I)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from callbacks import FID
 from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule, EasyConsistencyTuningModule
-from cm_lightning.recipes import ct_num_scales, ct_target_ema
+from cm_lightning.core.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args, tiny_net
 

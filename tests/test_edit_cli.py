@@ -11,7 +11,7 @@ from torchvision.io import decode_png, read_file
 
 from cli import main
 from cm_lightning import ConsistencyTrainingModule, DiffusionModule
-from cm_lightning.editing import LUMINANCE, EditTask
+from cm_lightning.sampling.editing import LUMINANCE, EditTask
 from datamodules.edit import Edit, builtin_mask, item_generator, strokes
 from tests.helpers import module_checkpoint, tiny_args, write_images
 
@@ -133,7 +133,7 @@ def test_interpolation_rows_end_in_the_one_step_samples_of_their_noise_pair(fake
     row = png(tmp_path / "out" / "000001.png")
     assert row.shape == (3, 32, 5 * 32)  # one pair: five slerp weights side by side
     module = ConsistencyTrainingModule.load_from_checkpoint(mnist_ckpt)
-    from cm_lightning.consistency import indexed_noise
+    from cm_lightning.core.noise import indexed_noise
 
     z = indexed_noise(7, [1], 2, (1, 32, 32))[:, 0]  # item 1's (z0, z1)
     ends = module.sample_from_noise(z.unsqueeze(0), [80.0])  # one step from each: a batch of two

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cm_lightning.consistency import multistep_sample
-from cm_lightning.editing import (LUMINANCE, colorize, denoise, inpaint, interpolate, orthogonal_completion, slerp,
+from cm_lightning.sampling.samplers import multistep_sample
+from cm_lightning.sampling.editing import (LUMINANCE, colorize, denoise, inpaint, interpolate, orthogonal_completion, slerp,
                                   super_resolve)
 from tests.helpers import randomise, tiny
 

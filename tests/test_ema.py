@@ -6,7 +6,7 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyTrainingModule
-from cm_lightning.ema import ema_decay
+from cm_lightning.core.ema import ema_decay
 from tests.helpers import make_trainer, tiny
 
 

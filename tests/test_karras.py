@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from cm_lightning.consistency import ConsistencyFunction
-from cm_lightning.karras import c_in, c_noise, c_out, c_skip, karras_sigmas, validate_sigma_range
-from cm_lightning.unet import UNet
+from cm_lightning.nets.preconditioning import ConsistencyFunction
+from cm_lightning.core.karras import c_in, c_noise, c_out, c_skip, karras_sigmas, validate_sigma_range
+from cm_lightning.nets.unet import UNet
 from tests.helpers import TINY_NET
 
 SIGMAS = [0.002, 0.0021, 0.01, 0.5, 1.0, 7.3, 80.0]

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main
-from cm_lightning.lr_schedules import CosineDecay
+from cm_lightning.core.lr_schedules import CosineDecay
 from tests.helpers import tiny_args
 
 
@@ -49,7 +49,7 @@ def test_the_presets_lr_schedule_lasts_as_long_as_the_run(fake_mnist, tmp_path, 
         "fit", *tiny_args(fake_mnist), f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={tmp_path}",
         "--model.optimizer=torch.optim.Adam", "--model.optimizer.lr=0.001",
-        "--model.lr_scheduler=cm_lightning.lr_schedules.CosineDecay",
+        "--model.lr_scheduler=cm_lightning.CosineDecay",
     ])
     run = tmp_path / "lightning_logs" / "version_0"
     logged = {e.step: e.value for e in EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars("lr-Adam")}

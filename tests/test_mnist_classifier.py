@@ -2,7 +2,7 @@
 
 import torch
 
-from cm_lightning.mnist_classifier import WEIGHTS, MNISTClassifier
+from cm_lightning.nets.mnist_classifier import WEIGHTS, MNISTClassifier
 
 
 def drawn(strokes: list[tuple[slice, slice]]) -> torch.Tensor:

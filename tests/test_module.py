@@ -6,8 +6,8 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencySampler, multistep_sample
-from cm_lightning.losses import pseudo_huber, squared_l2
-from cm_lightning.recipes import ct_num_scales, ct_target_ema
+from cm_lightning.core.losses import pseudo_huber, squared_l2
+from cm_lightning.core.recipes import ct_num_scales, ct_target_ema
 from tests.helpers import make_trainer, randomise, tiny
 
 

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from callbacks import FID, SampleGrid
 from cli import main
 from cm_lightning import ConsistencyTrainingModule, DiffusionModule, EDMDenoiser
-from cm_lightning.base import step_seed
-from cm_lightning.objectives import EDMLoss
+from cm_lightning.core.noise import step_seed
+from cm_lightning.core.objectives import EDMLoss
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, randomise, tiny, tiny_args
 
@@ -94,7 +94,7 @@ def test_diffusion_module_trains_validates_and_is_scored_with_its_heun_sampler(t
 
 @pytest.mark.slow
 def test_a_users_own_network_trains_through_the_cli(fake_mnist, tmp_path):
-    args = [a for a in tiny_args(fake_mnist) if not a.startswith("--model.net") and a != "cm_lightning.unet.UNet"]
+    args = [a for a in tiny_args(fake_mnist) if not a.startswith("--model.net") and a != "cm_lightning.UNet"]
     main(["fit", *args, "--model.net=tests.helpers.PlainConvNet", "--model.net.width=4", "--trainer.max_steps=3",
           "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}"])
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyDistillationModule, DiffusionModule, EasyConsistencyTuningModule
-from cm_lightning.unet import FourierEmbedding, PositionalEmbedding
+from cm_lightning.nets.unet import FourierEmbedding, PositionalEmbedding
 from tests.helpers import make_trainer, module_checkpoint, randomise, tiny
 
 

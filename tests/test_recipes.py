@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from cm_lightning.karras import karras_sigmas
-from cm_lightning.losses import l1, pseudo_huber, squared_l2
-from cm_lightning.recipes import ct_num_scales, ct_target_ema, ict_num_scales, ict_weight, make_recipe
+from cm_lightning.core.karras import karras_sigmas
+from cm_lightning.core.losses import l1, pseudo_huber, squared_l2
+from cm_lightning.core.recipes import ct_num_scales, ct_target_ema, ict_num_scales, ict_weight, make_recipe
 
 
 def ct_n_reference(k, K, s0=2, s1=150):

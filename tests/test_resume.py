@@ -222,7 +222,7 @@ def test_sigkill_during_predict_leaves_only_complete_files(trained_run, fake_mni
 def test_a_resumed_diffusion_run_matches_the_straight_run(fake_mnist, tmp_path):
     def args(save_dir: Path, steps: int, *extra: str) -> list[str]:
         return ["fit", *tiny_args(fake_mnist, "DiffusionModule"), "--model.net.dropout=0.1", "--model.ema_decays=[0.9]",
-                "--model.lr_scheduler=cm_lightning.lr_schedules.CosineDecay", "--model.lr_scheduler.total_steps=10",
+                "--model.lr_scheduler=cm_lightning.CosineDecay", "--model.lr_scheduler.total_steps=10",
                 f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=4",
                 f"--trainer.logger.init_args.save_dir={save_dir}", *extra]
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cm_lightning.sampling import ConsistencySampler, ODESampler, edm_time_steps, ode_sample, parse_sampler
+from cm_lightning.core.ode import edm_time_steps
+from cm_lightning.sampling.samplers import ConsistencySampler, ODESampler, ode_sample, parse_sampler
 
 S = 0.5  # data ~ N(0, S² I): the ideal denoiser is D(x, σ) = S² x / (S² + σ²)
 

@@ -8,8 +8,8 @@ import pytest
 from callbacks import StepSearch
 from cli import main
 from cm_lightning import DiffusionModule
-from cm_lightning.karras import karras_sigmas
-from cm_lightning.step_search import search_schedule, ternary_search
+from cm_lightning.core.karras import karras_sigmas
+from cm_lightning.sampling.schedule_search import search_schedule, ternary_search
 from tests.helpers import tiny, tiny_args
 
 

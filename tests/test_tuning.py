@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from cli import main
 from cm_lightning import ConsistencyTrainingModule, EasyConsistencyTuningModule
-from cm_lightning.objectives import EasyConsistencyTuning
+from cm_lightning.core.objectives import EasyConsistencyTuning
 from tests.helpers import make_trainer, module_checkpoint, randomise, tiny, tiny_args
 
 SIGMA_MIN = 0.002

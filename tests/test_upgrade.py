@@ -30,12 +30,12 @@ def test_a_0_1_checkpoint_loads_in_python_and_is_converted_for_the_cli(trained_r
     expected = ConsistencyTrainingModule.load_from_checkpoint(new, weights_only=True)
     assert torch.equal(loaded.sample(3, [80.0, 0.8], seed=0), expected.sample(3, [80.0, 0.8], seed=0))
 
-    with pytest.raises(ValueError, match=f"{old} was written by cm-lightning 0.1.*python -m cm_lightning.upgrade {old}"):
+    with pytest.raises(ValueError, match=f"{old} was written by cm-lightning 0.1.*python -m cm_lightning.io.upgrade {old}"):
         main(["test", *tiny_args(fake_mnist), f"--ckpt_path={old}", "--trainer.logger=false"])
     converted = tmp_path / "converted.ckpt"
-    subprocess.run([sys.executable, "-m", "cm_lightning.upgrade", str(old), str(converted)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "cm_lightning.io.upgrade", str(old), str(converted)], check=True, capture_output=True)
     assert torch.load(converted, weights_only=True)["hyper_parameters"]["net"]["init_args"]["model_channels"] == 8
     assert old.is_file()  # never lost
     main(["test", *tiny_args(fake_mnist), f"--ckpt_path={converted}", "--trainer.logger=false"])
-    refused = subprocess.run([sys.executable, "-m", "cm_lightning.upgrade", str(old), str(converted)], capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, "-m", "cm_lightning.io.upgrade", str(old), str(converted)], capture_output=True, text=True)
     assert refused.returncode != 0 and "exists or is the old file" in refused.stderr

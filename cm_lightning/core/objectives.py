@@ -10,10 +10,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from cm_lightning import losses
-from cm_lightning.karras import karras_sigmas
-from cm_lightning.recipes import Recipe
-from cm_lightning.sampling import ode_step
+from cm_lightning.core import losses
+from cm_lightning.core.karras import karras_sigmas
+from cm_lightning.core.ode import ode_step
+from cm_lightning.core.recipes import Recipe
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 

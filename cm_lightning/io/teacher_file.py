@@ -3,7 +3,7 @@
 The file is read once, with ``torch.load(weights_only=True)``, so a checkpoint from elsewhere cannot run
 code on load; only the network weights F_φ and the few hyper-parameters the student needs are kept. No
 class named in the file is imported: the student builds the teacher's network as a copy of its own and
-refuses a file whose network settings differ.
+refuses a file whose network settings differ (``core.structure.network_differences``).
 """
 
 import hashlib
@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-DIFFUSION = "cm_lightning.diffusion.DiffusionModule"
+from cm_lightning.core.ema import weights_keys
+from cm_lightning.io.module_paths import current_class_path
+
 HOW_TO_TRAIN = "train one with `cm-lightning fit --config configs/mnist_edm.yaml` (or cifar10_edm.yaml)"
 
 
@@ -28,8 +30,9 @@ class DiffusionWeights:
     net_state: dict[str, Tensor]  # F_φ's state dict
 
 
-def read_diffusion_checkpoint(path: str | Path, weights: str | None = None, role: str = "teacher") -> DiffusionWeights:
-    """The network weights of a DiffusionModule checkpoint (``weights``: None takes its ``eval_weights``).
+def read_diffusion_checkpoint(path: str | Path, expected: type, weights: str | None = None, role: str = "teacher") -> DiffusionWeights:
+    """The network weights of a checkpoint of the class ``expected`` (the DiffusionModule) or a subclass of it
+    (``weights``: None takes its ``eval_weights``).
 
     Refuses, naming the file, a missing file, a file that is not a checkpoint, and a checkpoint of
     another kind (a consistency model, a 0.1 checkpoint).
@@ -47,9 +50,9 @@ def read_diffusion_checkpoint(path: str | Path, weights: str | None = None, role
     del data
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     kind = hparams.get("_class_path")
-    if not _is_diffusion(kind):
-        what = f"a {kind.rsplit('.', 1)[-1]} checkpoint" if isinstance(kind, str) else "not a cm-lightning 0.2 checkpoint"
-        raise ValueError(f"the {role} {str(path)!r} is {what}; the {role} must be a DiffusionModule checkpoint ({HOW_TO_TRAIN})")
+    if not _is_kind(kind, expected):
+        what = f"a {kind.rsplit('.', 1)[-1]} checkpoint" if isinstance(kind, str) else "not a cm-lightning 0.2+ checkpoint"
+        raise ValueError(f"the {role} {str(path)!r} is {what}; the {role} must be a {expected.__name__} checkpoint ({HOW_TO_TRAIN})")
     weights = weights or hparams.get("eval_weights", "online")
     prefix = _prefix(weights, hparams.get("ema_decays", []), path, role)
     state = checkpoint.get("state_dict", {})
@@ -59,34 +62,18 @@ def read_diffusion_checkpoint(path: str | Path, weights: str | None = None, role
     return DiffusionWeights(sha256, {k: hparams[k] for k in ("net", "sigma_data") if k in hparams}, net_state)
 
 
-def network_differences(teacher: dict, student: dict) -> list[str]:
-    """The network settings (class and arguments, dropout aside) and σ_data on which two modules' hparams differ."""
-    from cm_lightning.base import GenerativeModule
-
-    mine, theirs = GenerativeModule.structure_of(student), GenerativeModule.structure_of(teacher)
-    keys = sorted({k for k in mine | theirs if k.startswith("net")})
-    out = [f"{k}: teacher {theirs.get(k)!r}, student {mine.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
-    if teacher.get("sigma_data", 0.5) != student.get("sigma_data", 0.5):
-        out.append(f"sigma_data: teacher {teacher.get('sigma_data', 0.5)}, student {student.get('sigma_data', 0.5)}")
-    return out
-
-
-def _is_diffusion(kind) -> bool:
-    """The DiffusionModule or a subclass already imported by the user's code (nothing is imported from the file)."""
-    if kind == DIFFUSION:
-        return True
+def _is_kind(kind, expected: type) -> bool:
+    """Whether the class named ``kind`` (by today's or an older module path) is ``expected`` or a subclass of it
+    already imported by the user's code: nothing named in the file is imported."""
     if not isinstance(kind, str) or "." not in kind:
         return False
-    from cm_lightning.diffusion import DiffusionModule
-
-    module, _, name = kind.rpartition(".")
+    module, _, name = current_class_path(kind).rpartition(".")
     cls = getattr(sys.modules.get(module), name, None)
-    return isinstance(cls, type) and issubclass(cls, DiffusionModule)
+    return isinstance(cls, type) and issubclass(cls, expected)
 
 
 def _prefix(weights: str, decays: list, path: Path, role: str) -> str:
-    names = {"online": "online.net."} | ({"ema": "ema.0.net."} if decays else {})
-    names |= {f"ema_{d}": f"ema.{i}.net." for i, d in enumerate(decays)}
+    names = weights_keys(decays)
     if weights not in names:
         raise ValueError(f"the {role} {str(path)!r} has no weights {weights!r}: choose one of {sorted(names)}")
-    return names[weights]
+    return names[weights] + ".net."

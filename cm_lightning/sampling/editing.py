@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cm_lightning.karras import SIGMA_MIN
+from cm_lightning.core.karras import SIGMA_MIN
 
 ConsistencyFn = Callable[[Tensor, Tensor], Tensor]
 LUMINANCE = (0.2989, 0.5870, 0.1140)  # ITU-R 601 weights, as the reference code's colourisation

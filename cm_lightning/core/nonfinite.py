@@ -1,7 +1,33 @@
-"""Non-finite gradients never reach the weights, and non-finite weights never reach a checkpoint."""
+"""The non-finite policy: a non-finite loss or gradient never reaches the weights, non-finite weights never
+reach a checkpoint. The run stops with what is known (``stop``), or drops the step and counts it (``skip``).
+
+The module checks its loss (``finite_on_all_ranks``, ``nonfinite_loss``); ``NonFiniteGuard``, which every
+method brings itself, checks the gradients and the checkpoints. The module provides ``hparams.on_nonfinite``
+and ``count_skipped_step()``.
+"""
 
 import torch
 from lightning.pytorch import Callback
+from torch import Tensor
+
+ADVICE = ("Try a lower learning rate, --trainer.precision 32-true, gradient clipping (--trainer.gradient_clip_val 1.0), "
+          "or --model.on_nonfinite skip; resume with --ckpt_path last.")
+
+
+def finite_on_all_ranks(loss: Tensor, trainer) -> bool:
+    """Whether the loss is finite on every rank: all ranks must take the same branch, or DDP hangs."""
+    finite = torch.isfinite(loss.detach()).float()
+    if trainer.world_size > 1:
+        finite = trainer.strategy.reduce(finite, reduce_op="min")
+    return bool(finite.item())
+
+
+def nonfinite_loss(loss: Tensor, step: int, detail: str = "") -> FloatingPointError:
+    """The error that stops a run at a non-finite loss, with what is known about the step's noise levels."""
+    return FloatingPointError(
+        f"non-finite training loss ({loss.item()}) at global step {step}{detail}. The weights were not updated "
+        f"and the checkpoints on disk are intact. {ADVICE}"
+    )
 
 
 class NonFiniteGuard(Callback):
@@ -11,7 +37,7 @@ class NonFiniteGuard(Callback):
     scaler (which skips such steps itself, under 16-mixed), a non-finite gradient stops the run, or with
     ``on_nonfinite="skip"`` its gradients are dropped (the optimizer leaves every weight as it is) and
     the step is counted in ``train/skipped_steps``. A checkpoint is never written over the last good one
-    with non-finite weights. The ConsistencyTrainingModule adds this callback itself.
+    with non-finite weights. Every method adds this callback itself (``configure_callbacks``).
     """
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -27,8 +53,7 @@ class NonFiniteGuard(Callback):
             return
         raise FloatingPointError(
             f"non-finite gradients at global step {trainer.global_step} (the loss was finite). The weights were "
-            "not updated and the checkpoints on disk are intact. Try a lower learning rate, gradient clipping "
-            "(--trainer.gradient_clip_val 1.0), or --model.on_nonfinite skip; resume with --ckpt_path last."
+            f"not updated and the checkpoints on disk are intact. {ADVICE}"
         )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

@@ -8,7 +8,7 @@ schedules, e.g. ``fid_score`` (the FID machinery of the ``FID`` callback as a fu
 
 from collections.abc import Callable
 
-from cm_lightning.karras import SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from cm_lightning.core.karras import SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
 
 def ternary_search(score: Callable[[int], float], low: int, high: int, on_score: Callable[[int, float], None] | None = None) -> tuple[int, dict[int, float]]:

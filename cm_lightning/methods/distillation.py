@@ -1,7 +1,7 @@
 """ConsistencyDistillationModule: consistency distillation (CD) from a trained EDM teacher, thin.
 
-The objective is ``objectives.ConsistencyDistillation``; the teacher D_φ is read from a DiffusionModule
-checkpoint (``teacher.read_diffusion_checkpoint``: weights only, hashed), frozen, kept out of the
+The objective is ``core.objectives.ConsistencyDistillation``; the teacher D_φ is read from a DiffusionModule
+checkpoint (``io.teacher_file.read_diffusion_checkpoint``: weights only, hashed), frozen, kept out of the
 module's state (checkpoints name it by path and hash), and moved to the student's device when used.
 Everything else (network, EMAs, sampling, checkpoints) comes from ``GenerativeModule``.
 """
@@ -12,11 +12,16 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from cm_lightning.consistency import EDMDenoiser, indexed_noise
-from cm_lightning.family import ConsistencyModule
-from cm_lightning.losses import METRICS
-from cm_lightning.objectives import ConsistencyDistillation
-from cm_lightning.teacher import DiffusionWeights, network_differences, read_diffusion_checkpoint
+from cm_lightning.core.compile import compile_networks
+from cm_lightning.core.losses import METRICS
+from cm_lightning.core.noise import indexed_noise
+from cm_lightning.core.objectives import ConsistencyDistillation
+from cm_lightning.core.structure import network_differences
+from cm_lightning.io.module_paths import with_canonical_net
+from cm_lightning.io.teacher_file import DiffusionWeights, read_diffusion_checkpoint
+from cm_lightning.methods.consistency import ConsistencyModule
+from cm_lightning.methods.diffusion import DiffusionModule
+from cm_lightning.nets.preconditioning import EDMDenoiser
 
 
 class ConsistencyDistillationModule(ConsistencyModule):
@@ -93,15 +98,15 @@ class ConsistencyDistillationModule(ConsistencyModule):
         """Read the teacher file, refuse another network than the student's, freeze it."""
         if self.hparams.teacher is None:
             raise ValueError("consistency distillation needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
-        found: DiffusionWeights = read_diffusion_checkpoint(self.hparams.teacher, self.hparams.teacher_weights)
-        differ = network_differences(found.hparams, dict(self.hparams))
+        found: DiffusionWeights = read_diffusion_checkpoint(self.hparams.teacher, DiffusionModule, self.hparams.teacher_weights)
+        differ = network_differences(with_canonical_net(found.hparams), with_canonical_net(dict(self.hparams)))
         if differ:
             raise ValueError(f"the teacher {self.hparams.teacher!r} has another network than the student: "
                              + "; ".join(differ) + ". Give the student the teacher's settings (its config.yaml's model.init_args.net).")
         teacher = EDMDenoiser(copy.deepcopy(self.online.net), found.hparams.get("sigma_data", 0.5))
         teacher.net.load_state_dict(found.net_state)
         if self.hparams.compile:
-            teacher.net.compile()
+            compile_networks([teacher])
         object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # bypass nn.Module registration
         self._teacher_sha256 = found.sha256
 

@@ -1,6 +1,6 @@
 """EasyConsistencyTuningModule: easy consistency tuning (ECT; Geng et al. 2024) as a thin LightningModule.
 
-The objective is ``objectives.EasyConsistencyTuning``; the curriculum stage s = ⌊k / d⌋ comes from the
+The objective is ``core.objectives.EasyConsistencyTuning``; the curriculum stage s = ⌊k / d⌋ comes from the
 global step k (so a resumed run is in the right stage); ``init_from`` (a DiffusionModule checkpoint) and
 f_θ come from ``ConsistencyModule``; everything else (network, EMAs, sampling, checkpoints) from
 ``GenerativeModule``. The target is sg f_θ, the online network itself (no θ⁻ copy).
@@ -11,8 +11,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from cm_lightning.family import ConsistencyModule, fixed_pairs
-from cm_lightning.objectives import EasyConsistencyTuning
+from cm_lightning.core.objectives import EasyConsistencyTuning
+from cm_lightning.methods.consistency import ConsistencyModule, fixed_pairs
 
 
 class EasyConsistencyTuningModule(ConsistencyModule):

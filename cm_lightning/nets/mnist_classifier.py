@@ -1,7 +1,7 @@
 """A small MNIST classifier whose penultimate layer is the feature space for MNIST FID.
 
-Trained by ``python -m cm_lightning.mnist_classifier --data-dir ../shared/data``; the weights ship in
-``cm_lightning/weights/mnist_classifier.pt``. FID on these features is comparable only with itself,
+Trained by ``python -m cm_lightning.nets.mnist_classifier --data-dir ../shared/data``; the weights ship in
+``cm_lightning/nets/weights/mnist_classifier.pt``. FID on these features is comparable only with itself,
 never with Inception FID.
 """
 

@@ -1,17 +1,18 @@
 """DiffusionModule: the EDM diffusion model (Karras et al. 2022), the teacher the other methods start from.
 
-Thin: the objective is ``objectives.EDMLoss``, the denoiser ``consistency.EDMDenoiser`` over the same
+Thin: the objective is ``core.objectives.EDMLoss``, the denoiser ``nets.preconditioning.EDMDenoiser`` over the same
 network class as the consistency models (so its weights can start one), sampling is the Heun or Euler
-solver of the probability-flow ODE (``sampling.ODESampler``), and everything else comes from
+solver of the probability-flow ODE (``sampling.samplers.ODESampler``), and everything else comes from
 ``GenerativeModule``.
 """
 
 import torch
 from torch import Tensor, nn
 
-from cm_lightning.base import GenerativeModule
-from cm_lightning.consistency import EDMDenoiser, indexed_noise
-from cm_lightning.objectives import EDMLoss
+from cm_lightning.core.noise import indexed_noise
+from cm_lightning.core.objectives import EDMLoss
+from cm_lightning.methods.base import GenerativeModule
+from cm_lightning.nets.preconditioning import EDMDenoiser
 
 
 class DiffusionModule(GenerativeModule):

@@ -7,10 +7,14 @@ model's F weights, read with weights_only=True), and the fixed σ pairs of their
 import torch
 from torch import Tensor, nn
 
-from cm_lightning.base import GenerativeModule
-from cm_lightning.consistency import ConsistencyFunction, indexed_noise
-from cm_lightning.karras import karras_sigmas
-from cm_lightning.teacher import network_differences, read_diffusion_checkpoint
+from cm_lightning.core.karras import karras_sigmas
+from cm_lightning.core.noise import indexed_noise
+from cm_lightning.core.structure import network_differences
+from cm_lightning.io.module_paths import with_canonical_net
+from cm_lightning.io.teacher_file import read_diffusion_checkpoint
+from cm_lightning.methods.base import GenerativeModule
+from cm_lightning.methods.diffusion import DiffusionModule
+from cm_lightning.nets.preconditioning import ConsistencyFunction
 
 
 class ConsistencyModule(GenerativeModule):
@@ -40,8 +44,8 @@ class ConsistencyModule(GenerativeModule):
     def read_init_from(self) -> dict[str, Tensor]:
         """F's weights of ``init_from``, refused (naming the file) if its network differs from ``net``."""
         path = self.hparams.init_from
-        found = read_diffusion_checkpoint(path, self.hparams.init_weights, role="init_from")
-        differ = network_differences(found.hparams, dict(self.hparams))
+        found = read_diffusion_checkpoint(path, DiffusionModule, self.hparams.init_weights, role="init_from")
+        differ = network_differences(with_canonical_net(found.hparams), with_canonical_net(dict(self.hparams)))
         if differ:
             raise ValueError(f"init_from {path!r} has another network than this model: " + "; ".join(differ)
                              + ". Give the model that checkpoint's settings (its config.yaml's model.init_args.net).")

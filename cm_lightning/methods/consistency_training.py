@@ -1,6 +1,6 @@
 """ConsistencyTrainingModule: consistency training (CT / iCT) as a thin LightningModule.
 
-The objective is ``objectives.ConsistencyTraining``; the curriculum, the target θ⁻ and its decay μ(k)
+The objective is ``core.objectives.ConsistencyTraining``; the curriculum, the target θ⁻ and its decay μ(k)
 come from the recipe; f_θ and ``init_from`` from ``ConsistencyModule``; everything else (network, EMAs,
 sampling, checkpoints) from ``GenerativeModule``.
 """
@@ -10,10 +10,10 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from cm_lightning.family import ConsistencyModule, fixed_pairs
-from cm_lightning.losses import METRICS
-from cm_lightning.objectives import ConsistencyTraining
-from cm_lightning.recipes import DEFAULTS, make_recipe
+from cm_lightning.core.losses import METRICS
+from cm_lightning.core.objectives import ConsistencyTraining
+from cm_lightning.core.recipes import DEFAULTS, make_recipe
+from cm_lightning.methods.consistency import ConsistencyModule, fixed_pairs
 
 
 class ConsistencyTrainingModule(ConsistencyModule):

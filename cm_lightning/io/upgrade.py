@@ -1,6 +1,6 @@
 """Checkpoints written before the network became an argument (cm-lightning 0.1) in today's layout.
 
-    python -m cm_lightning.upgrade OLD.ckpt NEW.ckpt
+    python -m cm_lightning.io.upgrade OLD.ckpt NEW.ckpt
 
 0.1 stored the UNet's settings as flat module arguments (``model_channels``, ``channel_mult``, …) and the
 predict schedule as ``predict_sigmas``; the weights' names are unchanged. ``load_from_checkpoint``
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cm_lightning.checkpoint_io import atomic_write
+from cm_lightning.io.files import atomic_write
 
 UNET_ARGS = ("image_size", "channels", "model_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
              "dropout", "embedding_type")
@@ -26,10 +26,10 @@ def is_legacy(hparams: dict) -> bool:
 def upgrade_hparams(hparams: dict) -> dict:
     """0.1 hyper-parameters → today's: the UNet's settings under ``net``, ``predict_sigmas`` → ``predict_sampler``."""
     new = {k: v for k, v in hparams.items() if k not in UNET_ARGS and k != "predict_sigmas"}
-    new["net"] = {"class_path": "cm_lightning.unet.UNet", "init_args": {k: hparams[k] for k in UNET_ARGS if k in hparams}}
+    new["net"] = {"class_path": "cm_lightning.nets.unet.UNet", "init_args": {k: hparams[k] for k in UNET_ARGS if k in hparams}}
     if "predict_sigmas" in hparams:
         new["predict_sampler"] = list(hparams["predict_sigmas"])
-    new["_class_path"] = "cm_lightning.module.ConsistencyTrainingModule"  # 0.1 had this method alone
+    new["_class_path"] = "cm_lightning.methods.consistency_training.ConsistencyTrainingModule"  # 0.1's one method
     new["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
     return new
 

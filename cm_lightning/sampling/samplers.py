@@ -3,49 +3,56 @@
 ``ConsistencySampler``: multistep consistency sampling (CM paper, Algorithm 1) over a σ list.
 ``ODESampler``: the deterministic Heun (EDM, Algorithm 1) or Euler solver of the probability-flow
 ODE dx/dσ = (x − D(x, σ))/σ on the EDM time steps, for diffusion denoisers.
-A sampler takes a network, the stacked noise draws it needs (``num_draws``, B, C, H, W) and the
-model's σ range, and returns images in [-1, 1]; ``nfe`` is its network evaluations per image.
+A sampler takes a network (any f(x, σ) or D(x, σ)), the stacked noise draws it needs (``num_draws``, B,
+C, H, W) and the model's σ range, and returns images in [-1, 1]; ``nfe`` is its network evaluations per image.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cm_lightning.consistency import multistep_sample, validate_sampling_sigmas
-from cm_lightning.karras import RHO, SIGMA_MAX, SIGMA_MIN
-
-Network = Callable[[Tensor, Tensor], Tensor]
+from cm_lightning.core.karras import SIGMA_MIN
+from cm_lightning.core.ode import Denoiser, edm_time_steps, ode_step
 
 
-def edm_time_steps(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
-    """t_0 > … > t_{N−1} = σ_min, then t_N = 0: t_i = (σ_max^(1/ρ) + i/(N−1)(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ (EDM eq. 5)."""
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be >= 2 (EDM's time steps need two ends), got {num_steps}")
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
-
-
-def ode_step(denoiser: Network, x: Tensor, t_cur: Tensor, t_next: Tensor, heun: bool = True) -> Tensor:
-    """One step of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ from t_cur to t_next (EDM Algorithm 1).
-
-    d = (x − D(x, t_cur))/t_cur, x' = x + (t_next − t_cur) d (Euler); with ``heun`` also
-    d' = (x' − D(x', t_next))/t_next and x' = x + (t_next − t_cur)(d + d')/2, which needs t_next > 0.
-    ``t_cur`` and ``t_next`` hold one σ per sample (B,).
-    """
-    tc, tn = t_cur.reshape(-1, 1, 1, 1), t_next.reshape(-1, 1, 1, 1)
-    d = (x - denoiser(x, t_cur)) / tc
-    x_next = x + (tn - tc) * d
-    if not heun:
-        return x_next
-    d_next = (x_next - denoiser(x_next, t_next)) / tn
-    return x + (tn - tc) * (d + d_next) / 2
+def validate_sampling_sigmas(sigmas: Sequence[float], sigma_min: float, sigma_max: float) -> None:
+    """A schedule is a non-empty, strictly decreasing list in (σ_min, σ_max]."""
+    sigmas = list(sigmas)
+    if not sigmas:
+        raise ValueError("sigmas must hold at least one noise level, e.g. (80.0,)")
+    if any(not sigma_min < s <= sigma_max for s in sigmas):
+        raise ValueError(f"sigmas={sigmas} must lie in (sigma_min, sigma_max] = ({sigma_min}, {sigma_max}]")
+    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigmas={sigmas} must be strictly decreasing")
 
 
 @torch.no_grad()
-def ode_sample(denoiser: Network, noise: Tensor, t: Tensor, heun: bool = True) -> Tensor:
+def multistep_sample(
+    f: Denoiser, noise: Tensor, sigmas: Sequence[float], sigma_min: float = SIGMA_MIN, clip_denoised: bool = True
+) -> Tensor:
+    """Multistep consistency sampling (CM paper, Algorithm 1); one step when ``len(sigmas) == 1``.
+
+    x ← σ_1 z_1, x ← f(x, σ_1); then for each further τ_j: x ← x + √(τ_j² − σ_min²) z_j, x ← f(x, τ_j).
+    ``noise`` holds z_1, z_2, … stacked: shape (len(sigmas), B, C, H, W). ``clip_denoised`` clamps every
+    step's f output to [-1, 1] before the next noise is added, as the official code and diffusers do;
+    the returned images are clamped either way, so one-step results do not depend on it.
+    """
+    if len(noise) != len(sigmas):
+        raise ValueError(f"noise holds {len(noise)} draws but the schedule {list(sigmas)} needs {len(sigmas)}")
+    ones = noise.new_ones(noise.shape[1])
+    x = f(sigmas[0] * noise[0], sigmas[0] * ones)
+    for tau, z in zip(sigmas[1:], noise[1:]):
+        if clip_denoised:
+            x = x.clamp(-1, 1)
+        x = x + (tau**2 - sigma_min**2) ** 0.5 * z
+        x = f(x, tau * ones)
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def ode_sample(denoiser: Denoiser, noise: Tensor, t: Tensor, heun: bool = True) -> Tensor:
     """Deterministic probability-flow ODE solve from x_0 = t_0 z (EDM Algorithm 1; ``heun=False``: Euler).
 
     ``ode_step`` from each t_i to t_{i+1}; the last step, to t_N = 0, is Euler. N time steps cost
@@ -80,7 +87,7 @@ class ConsistencySampler:
     def validate(self, sigma_min: float, sigma_max: float) -> None:
         validate_sampling_sigmas(self.sigmas, sigma_min, sigma_max)
 
-    def __call__(self, f: Network, noise: Tensor, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    def __call__(self, f: Denoiser, noise: Tensor, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
         return multistep_sample(f, noise, self.sigmas, sigma_min, self.clip_denoised)
 
 
@@ -107,7 +114,7 @@ class ODESampler:
         if self.method not in ("heun", "euler") or self.num_steps < 2:
             raise ValueError(f"an ODE sampler is 'heun<N>' or 'euler<N>' with N >= 2, got {self.name!r}")
 
-    def __call__(self, denoiser: Network, noise: Tensor, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    def __call__(self, denoiser: Denoiser, noise: Tensor, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
         t = edm_time_steps(self.num_steps, sigma_min, sigma_max, rho)
         return ode_sample(denoiser, noise[0], t, heun=self.method == "heun").clamp(-1, 1)
 

@@ -1,0 +1,39 @@
+"""Evaluation EMAs of the online weights (CM paper, Section 6; iCT Section 5), separate from the target θ⁻,
+and the names a user picks networks by ("online", "ema", "ema_<decay>")."""
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
+    """β, or min(β, (1 + n) / (10 + n)) with warm-up, so that short runs are not dominated by the init."""
+    return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, online: nn.Module, decay: float) -> None:
+    """θ_ema ← β θ_ema + (1 − β) θ for parameters; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(online.parameters()), 1 - decay)
+    for b_ema, b in zip(ema.buffers(), online.buffers()):
+        b_ema.copy_(b)
+
+
+def update_averages(averaged: Iterable[tuple[nn.Module, float]], online: nn.Module) -> None:
+    """Move every (network, decay β) after an optimizer step: θ_avg ← β θ_avg + (1 − β) θ."""
+    for network, decay in averaged:
+        update_ema(network, online, decay)
+
+
+def validate_decays(decays: list[float]) -> None:
+    bad = [d for d in decays if not 0 <= d < 1]
+    if bad:
+        raise ValueError(f"ema_decays must lie in [0, 1), got {bad} in {decays}")
+
+
+def weights_keys(decays: Sequence[float]) -> dict[str, str]:
+    """Each weights name a user can give and the submodule holding it: "online" → "online", "ema" (the
+    first decay) → "ema.0", "ema_<decay>" → "ema.<i>". The state-dict keys of F are "<key>.net.*"."""
+    names = {"online": "online"} | ({"ema": "ema.0"} if decays else {})
+    return names | {f"ema_{d}": f"ema.{i}" for i, d in enumerate(decays)}
