@@ -7,7 +7,9 @@ and any image DataModule.
         --edit.images docs/edit_inputs/mnist --writer.output_dir edits
 """
 
+import inspect
 import shutil
+import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -49,7 +51,8 @@ class SaveFitConfig(SaveConfigCallback):
 # The run folder's default root; the logger's save_dir follows --trainer.default_root_dir while it is this.
 RUNS = "runs"
 
-# Settings that say how to use a trained network, not what it is: the user's value beats the checkpoint's.
+# Settings that say how to use a trained network, not what it is: a value the user chose (one that is not the
+# method's default) beats the checkpoint's; a default does not undo the checkpoint's choice.
 EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "clip_denoised", "val_num_scales", "val_num_sigmas",
                    "allow_teacher_change")
 # Given on the command line, these beat the checkpoint's too (a moved teacher file; its hash is still checked).
@@ -83,7 +86,8 @@ class ConsistencyCLI(LightningCLI):
             self._use_latest_run(subcommand, cfg, logger)  # (a fixed checkpoint folder: Lightning finds last.ckpt itself)
         model = cfg.get("model")
         init_args = model.get("init_args", {}) if model is not None else {}
-        chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in init_args}
+        defaults = _init_defaults(model.get("class_path")) if model is not None else {}
+        chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in init_args and init_args[k] != defaults.get(k, object())}
         chosen |= {k: init_args[k] for k in PATH_ARGS if init_args.get(k) is not None}
         try:
             super()._parse_ckpt_path()
@@ -154,6 +158,18 @@ class ConsistencyCLI(LightningCLI):
             folder = self.trainer.logger.log_dir if self.trainer.logger else self.trainer.default_root_dir
             last = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
             print(f"Run folder: {folder}\nLast checkpoint: {last or '(none written)'}")
+
+
+def _init_defaults(class_path: str | None) -> dict:
+    """The defaults of a LightningModule's ``__init__`` arguments, its bases' included (``**kwargs`` passes them on)."""
+    module, _, name = (class_path or "").rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)  # the CLI has imported the chosen class by now
+    out: dict = {}
+    for base in reversed(cls.__mro__ if isinstance(cls, type) else ()):
+        if "__init__" in vars(base):
+            out |= {k: p.default for k, p in inspect.signature(base.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    return out
 
 
 def _tensorboard(logger):

@@ -103,6 +103,10 @@ class _OldModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
-    """Put the finder behind Python's own (a real module always wins); idempotent."""
+    """Put the finder behind Python's own (a real module always wins) and import every 0.2 name now: Lightning's
+    ``load_from_checkpoint`` accepts the class a checkpoint names only from a module already in ``sys.modules``.
+    Idempotent; called by ``import cm_lightning`` once the wings are imported."""
     if not any(isinstance(finder, _OldModules) for finder in sys.meta_path):
         sys.meta_path.append(_OldModules())
+    for old in MOVED:
+        importlib.import_module(f"{PACKAGE}.{old}")
