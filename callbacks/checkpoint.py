@@ -20,9 +20,13 @@ class FinalCheckpoint(ModelCheckpoint):
 
     _restoring = True  # set per restore by on_load_checkpoint
 
+    # ModelCheckpoint's protected methods (_should_skip_saving_checkpoint, _save_last_checkpoint, _monitor_candidates)
+    # are its subclassing interface: no public call writes last.ckpt with its bookkeeping. Checked by
+    # tests/test_lightning_private_api.py.
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        stops = trainer.should_stop and trainer.global_step >= (trainer.fit_loop.min_steps or 0)
+        stops = trainer.should_stop and trainer.global_step >= (trainer.min_steps or 0)
         last_step = stops or 0 <= trainer.max_steps <= trainer.global_step
         if last_step and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

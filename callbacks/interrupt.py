@@ -13,7 +13,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from callbacks.checkpoint import FinalCheckpoint
 
 
-
 class GracefulInterrupt(Callback):
     """Turns SIGINT into a clean stop at the next step boundary, with a checkpoint a resume can trust.
 
@@ -57,8 +56,8 @@ class GracefulInterrupt(Callback):
         rank_zero_info("\nCtrl-C: finishing this step and saving last.ckpt (press Ctrl-C again to abort now)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            return  # inside a gradient accumulation: stopping here would drop the micro-batches taken
+        if _inside_accumulation(trainer, batch_idx):
+            return  # stopping here would drop the micro-batches taken
         if trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
             trainer.should_stop = True  # FinalCheckpoint, the last callback, saves this step
 
@@ -80,9 +79,17 @@ class GracefulInterrupt(Callback):
         self._previous = {}
 
 
+def _inside_accumulation(trainer, batch_idx: int) -> bool:
+    """Whether the batch just taken leaves a gradient accumulation unfinished: the optimizer steps after every
+    ``accumulate_grad_batches`` batches and after the epoch's last batch."""
+    taken = batch_idx + 1
+    return taken % trainer.accumulate_grad_batches != 0 and taken != trainer.num_training_batches
+
+
 def _requeue_signal(trainer) -> tuple[int, ...]:
     """SIGUSR1, or what ``SLURMEnvironment(requeue_signal=...)`` says; none if its ``auto_requeue`` is off."""
-    environment = trainer._accelerator_connector.cluster_environment  # what Lightning's own handler reads
+    # Private: no public API gives a single-device run's cluster environment; Lightning's own handler reads this.
+    environment = trainer._accelerator_connector.cluster_environment  # tests/test_lightning_private_api.py
     if isinstance(environment, SLURMEnvironment):
         return (environment.requeue_signal,) if environment.auto_requeue and environment.requeue_signal else ()
     return (signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()  # no SIGUSR1 on Windows

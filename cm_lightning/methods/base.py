@@ -162,6 +162,10 @@ class GenerativeModule(Sampling, LightningModule):
                              "set --trainer.max_steps (or --model.total_steps and the schedule's total_steps)")
         return int(steps)
 
+    def fitting(self) -> bool:
+        """Whether the module is attached to a Trainer that runs ``fit`` (not ``test``, not built in Python)."""
+        return self._trainer is not None and self.trainer.state.fn == "fit"  # private: no public "is attached"
+
     def count_skipped_step(self) -> None:
         """A step dropped by the non-finite policy ``skip`` (``train/skipped_steps``)."""
         self._skipped_steps += 1
@@ -263,7 +267,7 @@ class GenerativeModule(Sampling, LightningModule):
         if refusal:
             raise ValueError(refusal)
         seed = checkpoint.get("run_seed")
-        if seed is not None and self._trainer is not None and self.trainer.state.fn == "fit" and seed != self._seed:
+        if seed is not None and self.fitting() and seed != self._seed:
             rank_zero_info(f"Resuming with the run's seed {seed} (this launch was given {self._seed}).")
             seed_everything(seed, verbose=False)  # the data order reads it too (PL_GLOBAL_SEED)
             self._seed = seed

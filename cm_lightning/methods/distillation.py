@@ -134,7 +134,7 @@ class ConsistencyDistillationModule(ConsistencyModule):
             return
         message = (f"the teacher file {self.hparams.teacher!r} is not the one this run was distilled from "
                    f"(sha256 {saved[:12]}… in the checkpoint, {now[:12]}… on disk)")
-        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.hparams.allow_teacher_change:
+        if self.fitting() and not self.hparams.allow_teacher_change:
             raise ValueError(f"{message}: restore that file, or resume from the new one on purpose with "
                              "--model.allow_teacher_change true")
         rank_zero_warn(message)
