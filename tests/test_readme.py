@@ -1,0 +1,47 @@
+"""The README's commands, run as a new user runs them (tiny network, fake data, a few steps)."""
+
+import hashlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import main
+from tests.helpers import TINY_NET
+
+ROOT = Path(__file__).parents[1]
+QUICK = [f"--model.net.init_args.{k}={v}" for k, v in TINY_NET.items()] + [
+    "--trainer.max_steps=2", "--trainer.callbacks=[]", "--trainer.limit_val_batches=0", "--data.batch_size=4",
+    "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``cm-lightning`` command in the README's bash blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("cm-lightning ")]
+
+
+def readme_fit(config: str) -> list[str]:
+    (command,) = [c for c in readme_commands() if c[1] == "fit" and c[2:4] == ["--config", f"configs/{config}.yaml"]]
+    return command[1:]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_the_teacher_chain_works_after_the_quick_start_in_the_same_folder(fake_mnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for config in ("mnist_quickstart", "mnist_edm", "mnist_cd", "mnist_ect"):
+        main([*readme_fit(config), f"--data.data_dir={fake_mnist}", *QUICK])
+    quick = torch.load("runs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert quick["hyper_parameters"]["_class_path"].endswith("ConsistencyTrainingModule")
+    teacher = Path("runs/mnist_edm/lightning_logs/version_0/checkpoints/last.ckpt")
+    student = torch.load(next(Path("runs/mnist_cd").rglob("last.ckpt")), weights_only=True)
+    tuned = torch.load(next(Path("runs/mnist_ect").rglob("last.ckpt")), weights_only=True)
+    assert student["teacher_sha256"] == sha256(teacher) == tuned["init_from_sha256"]
