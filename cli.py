@@ -7,13 +7,12 @@ and any image DataModule.
         --edit.images docs/edit_inputs/mnist --writer.output_dir edits
 """
 
-import inspect
 import shutil
-import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
@@ -51,8 +50,8 @@ class SaveFitConfig(SaveConfigCallback):
 # The run folder's default root; the logger's save_dir follows --trainer.default_root_dir while it is this.
 RUNS = "runs"
 
-# Settings that say how to use a trained network, not what it is: a value the user chose (one that is not the
-# method's default) beats the checkpoint's; a default does not undo the checkpoint's choice.
+# Settings that say how to use a trained network, not what it is: a value the user gave (on the command line or in
+# a --config file) beats the checkpoint's; where the user gave none, the checkpoint's stands, not the default.
 EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "clip_denoised", "val_num_scales", "val_num_sigmas",
                    "allow_teacher_change")
 # Given on the command line, these beat the checkpoint's too (a moved teacher file; its hash is still checked).
@@ -68,6 +67,11 @@ class ConsistencyCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SampleWriter, "writer")  # acts in `predict` only
         parser.add_class_arguments(Edit, "edit")  # `predict --edit.kind ...`: edit images instead of sampling
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, also keeping what the user gave without the defaults (``_parse_ckpt_path`` needs it)."""
+        super().parse_arguments(parser, args)
+        self._given = args if isinstance(args, (dict, Namespace)) else parser.parse_args(args, defaults=False)
 
     def _parse_ckpt_path(self) -> None:
         """Before Lightning reads the checkpoint's hyper-parameters into the config: runs follow
@@ -86,8 +90,9 @@ class ConsistencyCLI(LightningCLI):
             self._use_latest_run(subcommand, cfg, logger)  # (a fixed checkpoint folder: Lightning finds last.ckpt itself)
         model = cfg.get("model")
         init_args = model.get("init_args", {}) if model is not None else {}
-        defaults = _init_defaults(model.get("class_path")) if model is not None else {}
-        chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in init_args and init_args[k] != defaults.get(k, object())}
+        given = (self._given.get(subcommand) or {}).get("model") or {}
+        given = given.get("init_args") or {}  # (jsonargparse files ``--model.eval_weights`` under init_args)
+        chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in given}
         chosen |= {k: init_args[k] for k in PATH_ARGS if init_args.get(k) is not None}
         try:
             super()._parse_ckpt_path()
@@ -158,18 +163,6 @@ class ConsistencyCLI(LightningCLI):
             folder = self.trainer.logger.log_dir if self.trainer.logger else self.trainer.default_root_dir
             last = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
             print(f"Run folder: {folder}\nLast checkpoint: {last or '(none written)'}")
-
-
-def _init_defaults(class_path: str | None) -> dict:
-    """The defaults of a LightningModule's ``__init__`` arguments, its bases' included (``**kwargs`` passes them on)."""
-    module, _, name = (class_path or "").rpartition(".")
-    cls = getattr(sys.modules.get(module), name, None)  # the CLI has imported the chosen class by now
-    out: dict = {}
-    for base in reversed(cls.__mro__ if isinstance(cls, type) else ()):
-        if "__init__" in vars(base):
-            out |= {k: p.default for k, p in inspect.signature(base.__init__).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-    return out
 
 
 def _tensorboard(logger):

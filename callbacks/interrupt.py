@@ -81,9 +81,10 @@ class GracefulInterrupt(Callback):
 
 def _inside_accumulation(trainer, batch_idx: int) -> bool:
     """Whether the batch just taken leaves a gradient accumulation unfinished: the optimizer steps after every
-    ``accumulate_grad_batches`` batches and after the epoch's last batch."""
+    ``accumulate_grad_batches`` batches, and after the epoch's last batch unless the strategy accumulates itself."""
     taken = batch_idx + 1
-    return taken % trainer.accumulate_grad_batches != 0 and taken != trainer.num_training_batches
+    last = taken == trainer.num_training_batches and not trainer.strategy.handles_gradient_accumulation
+    return taken % trainer.accumulate_grad_batches != 0 and not last
 
 
 def _requeue_signal(trainer) -> tuple[int, ...]:

@@ -2,6 +2,8 @@
 moved into wings) load every way a user can load them and sample the images they sampled then."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +92,28 @@ def test_cli_fit_resumes_the_file(name, fake_mnist, tmp_path):
     assert written["state_dict"].keys() == saved(name)["state_dict"].keys()
 
 
+@pytest.mark.slow
+def test_a_value_the_user_gives_beats_the_files_even_the_default(fake_mnist, tmp_path):
+    """The EDM file samples with its ``online`` weights (above); ``--model.eval_weights ema``, the default, is
+    the user's choice all the same."""
+    model = DiffusionModule.load_from_checkpoint(FIXTURES / "edm.ckpt", map_location="cpu")
+    build_cli(cli_args("predict", "edm", fake_mnist, tmp_path, FIXTURES / "edm.ckpt", "--trainer.logger=false",
+                       "--model.eval_weights=ema", "--data.predict_num_samples=2", f"--writer.output_dir={tmp_path / 'out'}",
+                       "--writer.formats=[npz]"))
+    written = np.load(tmp_path / "out" / "samples.npz")["arr_0"].astype(int)
+    ema, online = (to_uint8(model.sample(2, seed=0, weights=w)).permute(0, 2, 3, 1).numpy().astype(int) for w in ("ema", "online"))
+    assert np.abs(written - ema).max() <= 1 and (written != ema).mean() < 0.01  # uint8 rounding at most
+    assert (written != online).mean() > 0.1  # (the two weights differ little after 20 steps, but they differ)
+
+
+def student_net(name: str) -> dict:
+    """The network of a 0.2 file, named as a user names it today (``cm_lightning.UNet``), not as the file does."""
+    return {**saved(name)["hyper_parameters"]["net"], "class_path": "cm_lightning.UNet"}
+
+
 def test_the_0_2_diffusion_file_is_a_teacher_that_samples_as_before(tmp_path):
     """``--model.teacher``: the CD student reads the file's network, which draws the 0.2 Heun images."""
-    hparams = saved("cd")["hyper_parameters"]
-    student = ConsistencyDistillationModule(net=hparams["net"], teacher=str(FIXTURES / "edm.ckpt"))
+    student = ConsistencyDistillationModule(net=student_net("cd"), teacher=str(FIXTURES / "edm.ckpt"))
     student.load_teacher()
     images = reference("edm")["heun18_online"]
     noise = indexed_noise(0, range(len(images)), 1, images.shape[1:])
@@ -105,7 +125,7 @@ def test_the_0_2_diffusion_file_is_a_teacher_that_samples_as_before(tmp_path):
 def test_the_0_2_diffusion_file_starts_a_student(cls):
     """``--model.init_from``: every network of a new student starts from the file's F weights."""
     edm = saved("edm")
-    student = cls(net=edm["hyper_parameters"]["net"], init_from=str(FIXTURES / "edm.ckpt"), ema_decays=[0.9])
+    student = cls(net=student_net("edm"), init_from=str(FIXTURES / "edm.ckpt"), ema_decays=[0.9])
     state = student.starting_state()
     expected = {k.removeprefix("online.net."): v for k, v in edm["state_dict"].items() if k.startswith("online.net.")}
     assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
@@ -130,3 +150,23 @@ def test_a_config_naming_0_2_module_paths_trains(fake_mnist, tmp_path):
     written = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
     assert written["hyper_parameters"]["_class_path"] == "cm_lightning.methods.consistency_training.ConsistencyTrainingModule"
     assert type(ConsistencyTrainingModule.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)) is ConsistencyTrainingModule
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_a_model_that_names_its_network_today_takes_the_0_2_file(name):
+    """The checkpoint guard compares classes, not the names a file and a config give them."""
+    hparams = saved(name)["hyper_parameters"]
+    model = CLASSES[name](**{k: v for k, v in hparams.items() if not k.startswith("_")} | {"net": student_net(name)})
+    model.on_load_checkpoint(saved(name))
+    model.load_state_dict(saved(name)["state_dict"])
+    other = CLASSES[name](**{k: v for k, v in hparams.items() if not k.startswith("_")} | {"net": student_net(name) | {
+        "init_args": {**student_net(name)["init_args"], "model_channels": 16}}})
+    with pytest.raises(ValueError, match="net.model_channels: checkpoint 8, model 16"):
+        other.on_load_checkpoint(saved(name))
+
+
+@pytest.mark.parametrize("module", ["cm_lightning.upgrade", "cm_lightning.io.upgrade"])
+def test_the_upgrade_command_runs_by_its_0_2_and_its_own_name(module):
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and "cm-lightning 0.1" in done.stdout

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "cm_lightning"
-# What each wing may import of cm_lightning besides itself (DESIGN §3): core nothing, the middle wings only core.
+# What each wing may import of cm_lightning besides itself (README, Layout): core nothing, the middle wings only core.
 ALLOWED = {"core": set(), "nets": {"core"}, "sampling": {"core"}, "io": {"core"}, "methods": {"core", "nets", "sampling", "io"}}
 OUTSIDE = ("callbacks", "datamodules", "cli")  # the package never imports the layers built on it
 MAX_LINES = 400

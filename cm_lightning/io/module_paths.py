@@ -41,11 +41,15 @@ MOVED: dict[str, tuple[str, ...]] = {
     "unet": ("nets.unet",),
     "upgrade": ("io.upgrade",),
 }  # 0.2's ``cm_lightning.sampling`` is today's package of the same name, which exports the same names
+# The modules of the classes a checkpoint names as its LightningModule: imported with the package, because
+# Lightning's ``load_from_checkpoint`` accepts such a class only from a module already in ``sys.modules``.
+EAGER = ("base", "family", "module", "diffusion", "distillation", "tuning")
 
 
 def current_class_path(class_path: str) -> str:
     """Today's path of a class named by its 0.2 path (``cm_lightning.unet.UNet`` → ``cm_lightning.nets.unet.UNet``);
-    any other path unchanged. Plain string work: nothing is imported."""
+    any other path unchanged. Plain string work, for classes (each 0.2 module's first home holds its classes):
+    nothing is imported."""
     module, _, name = class_path.rpartition(".")
     old = module.removeprefix(f"{PACKAGE}.")
     if module.startswith(f"{PACKAGE}.") and old in MOVED:
@@ -72,13 +76,14 @@ def with_canonical_net(hparams: dict) -> dict:
 
 
 class _OldModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``cm_lightning.<0.2 module>`` once no real module of that name exists, and loads it as a view of
-    its new homes."""
+    """Finds ``cm_lightning.<0.2 module>`` and loads it as a view of its new homes; asked before Python's own
+    finders, so a stale 0.2 file left in an old installation cannot define a second class of the same name."""
 
     def find_spec(self, fullname, path=None, target=None):
         old = fullname.removeprefix(f"{PACKAGE}.")
         if fullname.startswith(f"{PACKAGE}.") and old in MOVED:
-            return importlib.util.spec_from_loader(fullname, self)
+            home = importlib.util.find_spec(f"{PACKAGE}.{MOVED[old][0]}")
+            return importlib.util.spec_from_loader(fullname, self, origin=home.origin)  # (runpy's sys.argv[0])
         return None
 
     def create_module(self, spec):
@@ -103,10 +108,9 @@ class _OldModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
-    """Put the finder behind Python's own (a real module always wins) and import every 0.2 name now: Lightning's
-    ``load_from_checkpoint`` accepts the class a checkpoint names only from a module already in ``sys.modules``.
-    Idempotent; called by ``import cm_lightning`` once the wings are imported."""
+    """Put the finder first and import the 0.2 names of the methods' modules (``EAGER``); idempotent. Called by
+    ``import cm_lightning`` once the wings are imported; every other 0.2 name is loaded when first asked for."""
     if not any(isinstance(finder, _OldModules) for finder in sys.meta_path):
-        sys.meta_path.append(_OldModules())
-    for old in MOVED:
+        sys.meta_path.insert(0, _OldModules())
+    for old in EAGER:
         importlib.import_module(f"{PACKAGE}.{old}")

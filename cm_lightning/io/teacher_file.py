@@ -30,7 +30,9 @@ class DiffusionWeights:
     net_state: dict[str, Tensor]  # F_φ's state dict
 
 
-def read_diffusion_checkpoint(path: str | Path, expected: type, weights: str | None = None, role: str = "teacher") -> DiffusionWeights:
+def read_diffusion_checkpoint(
+    path: str | Path, weights: str | None = None, role: str = "teacher", *, expected: type
+) -> DiffusionWeights:
     """The network weights of a checkpoint of the class ``expected`` (the DiffusionModule) or a subclass of it
     (``weights``: None takes its ``eval_weights``).
 

@@ -27,7 +27,6 @@ from cm_lightning.core.noise import step_seed
 from cm_lightning.core.nonfinite import NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
 from cm_lightning.io.module_paths import with_canonical_net
-from cm_lightning.io.upgrade import is_legacy_file, upgraded_file
 from cm_lightning.nets.contract import build_network, network_config
 from cm_lightning.sampling.sampling_module import Sampling, SamplerSpec
 
@@ -175,6 +174,8 @@ class GenerativeModule(Sampling, LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's, also for checkpoints of cm-lightning 0.1 (upgraded in memory, see ``io.upgrade``); only a
         load that fails reads the file a second time to see whether it is one."""
+        from cm_lightning.io.upgrade import is_legacy_file, upgraded_file  # (so `python -m` runs it unimported)
+
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except Exception:
@@ -252,12 +253,15 @@ class GenerativeModule(Sampling, LightningModule):
         self._log_eval_loss("test/loss", batch)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The run's seed, and the module's class as it is named today: built in Python or by the CLI, every
-        checkpoint is rebuilt the CLI's way, so ``--ckpt_path`` and ``load_from_checkpoint`` take any of them."""
+        """The run's seed, and the module's and the network's classes as they are named today: built in Python or
+        by the CLI, every checkpoint is rebuilt the CLI's way, so ``--ckpt_path`` and ``load_from_checkpoint``
+        take any of them, and a resumed 0.2 run writes today's names."""
         checkpoint["run_seed"] = self._seed
         hparams = checkpoint.setdefault("hyper_parameters", {})
         hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
         hparams.setdefault("_instantiator", INSTANTIATOR)
+        if "net" in hparams:
+            hparams["net"] = with_canonical_net(hparams)["net"]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, by name, a checkpoint of another structure (``core.structure``); a resumed ``fit`` goes on

@@ -44,7 +44,7 @@ class ConsistencyModule(GenerativeModule):
     def read_init_from(self) -> dict[str, Tensor]:
         """F's weights of ``init_from``, refused (naming the file) if its network differs from ``net``."""
         path = self.hparams.init_from
-        found = read_diffusion_checkpoint(path, DiffusionModule, self.hparams.init_weights, role="init_from")
+        found = read_diffusion_checkpoint(path, self.hparams.init_weights, role="init_from", expected=DiffusionModule)
         differ = network_differences(with_canonical_net(found.hparams), with_canonical_net(dict(self.hparams)))
         if differ:
             raise ValueError(f"init_from {path!r} has another network than this model: " + "; ".join(differ)

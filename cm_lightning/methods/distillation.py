@@ -98,7 +98,8 @@ class ConsistencyDistillationModule(ConsistencyModule):
         """Read the teacher file, refuse another network than the student's, freeze it."""
         if self.hparams.teacher is None:
             raise ValueError("consistency distillation needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
-        found: DiffusionWeights = read_diffusion_checkpoint(self.hparams.teacher, DiffusionModule, self.hparams.teacher_weights)
+        found: DiffusionWeights = read_diffusion_checkpoint(self.hparams.teacher, self.hparams.teacher_weights,
+                                                            expected=DiffusionModule)
         differ = network_differences(with_canonical_net(found.hparams), with_canonical_net(dict(self.hparams)))
         if differ:
             raise ValueError(f"the teacher {self.hparams.teacher!r} has another network than the student: "

@@ -3,6 +3,8 @@ implementation (sampling_module), zero-shot editing (editing), and the search of
 (schedule_search). Imports only ``core``."""
 
 from cm_lightning.core.ode import edm_time_steps, ode_step
-from cm_lightning.sampling.samplers import ConsistencySampler, ODESampler, Sampler, ode_sample, parse_sampler
+from cm_lightning.sampling.samplers import (ConsistencySampler, ODESampler, Sampler, multistep_sample, ode_sample,
+                                            parse_sampler, validate_sampling_sigmas)
 
-__all__ = ["ConsistencySampler", "ODESampler", "Sampler", "edm_time_steps", "ode_sample", "ode_step", "parse_sampler"]
+__all__ = ["ConsistencySampler", "ODESampler", "Sampler", "edm_time_steps", "multistep_sample", "ode_sample", "ode_step",
+           "parse_sampler", "validate_sampling_sigmas"]
