@@ -1,6 +1,7 @@
 """Checkpoints written by cm-lightning 0.2 (``tests/fixtures/v0_2``, made by ``make_v0_2.py`` before the package
 moved into wings) load every way a user can load them and sample the images they sampled then."""
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -170,3 +171,17 @@ def test_the_upgrade_command_runs_by_its_0_2_and_its_own_name(module):
     done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout and "cm-lightning 0.1" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, argument", [(EasyConsistencyTuningModule, "init_from"),
+                                              (ConsistencyDistillationModule, "teacher")])
+def test_cli_fit_starts_a_new_student_from_the_0_2_diffusion_file(method, argument, fake_mnist, tmp_path):
+    net = {k: v for k, v in saved("edm")["hyper_parameters"]["net"]["init_args"].items() if k not in ("image_size", "channels")}
+    cli = build_cli(["fit", f"--model={method.__name__}", "--model.net=cm_lightning.UNet",
+                     *[f"--model.net.init_args.{k}={v}" for k, v in net.items()], f"--model.{argument}={FIXTURES / 'edm.ckpt'}",
+                     "--data=MNISTDataModule", f"--data.data_dir={fake_mnist}", "--data.batch_size=4", "--trainer.max_steps=1",
+                     "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    written = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
+    assert written[f"{argument}_sha256"] == hashlib.sha256((FIXTURES / "edm.ckpt").read_bytes()).hexdigest()
