@@ -185,3 +185,17 @@ def test_cli_fit_starts_a_new_student_from_the_0_2_diffusion_file(method, argume
                      f"--trainer.default_root_dir={tmp_path}"])
     written = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
     assert written[f"{argument}_sha256"] == hashlib.sha256((FIXTURES / "edm.ckpt").read_bytes()).hexdigest()
+
+
+def test_arguments_the_0_2_file_predates_count_as_their_defaults():
+    """The 0.2 EDM file names no ``fourier_scale``: it was built with 16, so a student at 16 takes it as its teacher
+    and a student at iCT's 0.02 is refused by name."""
+    net = student_net("edm")
+    for scale, accepted in ((16.0, True), (0.02, False)):
+        init_args = {**net["init_args"], "fourier_scale": scale, "embedding_channels": None}
+        student = ConsistencyDistillationModule(net={**net, "init_args": init_args}, teacher=str(FIXTURES / "edm.ckpt"))
+        if accepted:
+            student.load_teacher()
+        else:
+            with pytest.raises(ValueError, match="net.fourier_scale: teacher 16.0, student 0.02"):
+                student.load_teacher()

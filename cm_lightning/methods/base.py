@@ -27,7 +27,7 @@ from cm_lightning.core.noise import step_seed
 from cm_lightning.core.nonfinite import NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
 from cm_lightning.io.module_paths import with_canonical_net
-from cm_lightning.nets.contract import build_network, network_config
+from cm_lightning.nets.contract import build_network, network_config, with_net_defaults
 from cm_lightning.sampling.sampling_module import Sampling, SamplerSpec
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # Lightning's, on its allowlist
@@ -125,7 +125,7 @@ class GenerativeModule(Sampling, LightningModule):
     def structure_of(cls, hparams: dict) -> dict:
         """The settings that decide the state dict's shapes, as recorded in (a checkpoint's) hyper-parameters;
         the network's class by its canonical path, whatever name the file or config gave it."""
-        return module_structure(with_canonical_net(hparams))
+        return module_structure(comparable(hparams))
 
     # -- what the base class offers a method ------------------------------------------------
 
@@ -283,6 +283,12 @@ class GenerativeModule(Sampling, LightningModule):
         loss = self.validation_loss(x, index)
         if loss is not None:  # None: the method cannot compute it here (CD without its teacher file)
             self.log(name, loss.mean(), prog_bar=name == "val/loss", sync_dist=True)
+
+
+def comparable(hparams: dict) -> dict:
+    """Hyper-parameters whose network can be compared with another's: its class by the canonical path, the
+    arguments it does not name at their defaults (files of older versions name fewer)."""
+    return with_net_defaults(with_canonical_net(hparams))
 
 
 def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:

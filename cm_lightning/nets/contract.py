@@ -5,6 +5,9 @@ A network is any ``nn.Module`` F(c_in·x, c_noise) → image-shaped output whose
 Checkpoints store it as plain data, {"class_path", "init_args"}, so they load with ``weights_only``.
 """
 
+import inspect
+import sys
+
 from torch import nn
 
 from cm_lightning.nets.unet import UNet
@@ -32,3 +35,19 @@ def build_network(net: nn.Module | dict | None) -> nn.Module:
     if net.channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3 (greyscale or RGB images), got {net.channels}")
     return net
+
+
+def with_net_defaults(hparams: dict) -> dict:
+    """``hparams`` with the network's arguments that its config does not name set to the class's defaults: a
+    checkpoint written before an argument existed (``fourier_scale``, say) was built with its default, so the two
+    compare equal. The class must be imported already (nothing is imported here); a shallow copy."""
+    net = hparams.get("net")
+    if not isinstance(net, dict) or not isinstance(net.get("class_path"), str):
+        return hparams
+    module, _, name = net["class_path"].rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    if not isinstance(cls, type):
+        return hparams
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} | net.get("init_args", {})
+    return {**hparams, "net": {**net, "init_args": init_args}}

@@ -1,8 +1,9 @@
 """A UNet of the DDPM++/NCSN++ family (Song et al. 2021; EDM's ``SongUNet`` layout).
 
 Residual blocks with adaptive group-norm scale/shift from the noise embedding,
-skip scaling 1/√2, self-attention at chosen resolutions, a Fourier (NCSN++) or
-positional (DDPM++) noise embedding, and zero-initialised output layers so that
+skip scaling 1/√2, self-attention at chosen resolutions, a noise embedding of c_noise
+(random Fourier features as NCSN++, or sinusoids in the official CM code's or EDM's
+convention; DESIGN §2.7 in ../shared), and zero-initialised output layers so that
 F_θ starts at 0 and f_θ at c_skip·x.
 """
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-EMBEDDINGS = ("fourier", "positional")
+EMBEDDINGS = ("fourier", "positional", "positional_edm")
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -26,7 +27,9 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of c_noise (NCSN++, Song et al. 2021, Appendix H)."""
+    """Random Fourier features cos / sin(2π f c) of c_noise, f ~ N(0, scale²) fixed at init (NCSN++, Song et al.
+    2021, Appendix H). Scale 16 is NCSN++'s and the CM paper's; iCT §3.1 takes 0.02, since at 16 two close
+    noise levels get unrelated features. The frequencies are a buffer: a checkpoint keeps its own."""
 
     def __init__(self, dim: int, scale: float = 16.0):
         super().__init__()
@@ -39,11 +42,15 @@ class FourierEmbedding(nn.Module):
 
 
 class PositionalEmbedding(nn.Module):
-    """Transformer sinusoids of 1000·c_noise, the scale the official CM code feeds DDPM++."""
+    """Transformer sinusoids cos / sin(scale · c · ω_i), ω_i = max_positions^(−i/(n − endpoint)), i < n = dim/2.
 
-    def __init__(self, dim: int, max_positions: int = 10000, scale: float = 1000.0):
+    scale 1000 without endpoint: the official CM code's (ADM's embedding of 1000·c_noise); scale 1 with
+    endpoint: EDM's DDPM++ (frequencies from 1 down to 1/max_positions, of c_noise itself).
+    """
+
+    def __init__(self, dim: int, max_positions: int = 10000, scale: float = 1000.0, endpoint: bool = False):
         super().__init__()
-        freqs = (1 / max_positions) ** (torch.arange(dim // 2) / (dim // 2))
+        freqs = (1 / max_positions) ** (torch.arange(dim // 2) / (dim // 2 - int(endpoint)))
         self.register_buffer("freqs", freqs)
         self.scale = scale
 
@@ -102,6 +109,15 @@ class ResBlock(nn.Module):
         return x
 
 
+def make_embedding(embedding_type: str, channels: int, fourier_scale: float) -> nn.Module:
+    """The noise embedding named by ``embedding_type`` (``EMBEDDINGS``), ``channels`` features wide."""
+    if embedding_type == "fourier":
+        return FourierEmbedding(channels, fourier_scale)
+    if embedding_type == "positional":
+        return PositionalEmbedding(channels)
+    return PositionalEmbedding(channels, scale=1.0, endpoint=True)
+
+
 def validate_unet(image_size: int, channel_mult: list[int], attn_resolutions: list[int], embedding_type: str) -> None:
     """Refuse a layout the UNet cannot build, naming the argument and what is accepted."""
     if not channel_mult or min(channel_mult) < 1:
@@ -133,21 +149,41 @@ class UNet(nn.Module):
         attn_resolutions: list[int] = (16,),
         dropout: float = 0.0,
         embedding_type: str = "fourier",
+        fourier_scale: float = 16.0,
+        embedding_channels: int | None = None,
     ):
+        """
+        Args:
+            image_size: side of the square images (linked from the data by the CLI).
+            channels: image channels (linked from the data).
+            model_channels: channels of the first level.
+            channel_mult: channels of each level, as multiples of ``model_channels``; the image halves per level.
+            num_res_blocks: residual blocks per level.
+            attn_resolutions: resolutions with self-attention.
+            dropout: dropout rate of the residual blocks.
+            embedding_type: the noise embedding of c_noise = ¼ ln σ: "fourier" (random Fourier features, NCSN++ and
+                the CM paper), "positional" (sinusoids of 1000·c_noise, the official CM code) or "positional_edm"
+                (sinusoids of c_noise, frequencies 1 … 1e-4: EDM's DDPM++).
+            fourier_scale: standard deviation of the Fourier frequencies (NCSN++ / CM paper 16; iCT 0.02).
+            embedding_channels: width of the embedding's features; None: ``model_channels`` (NCSN++ takes twice that).
+        """
         super().__init__()
         validate_unet(image_size, list(channel_mult), list(attn_resolutions), embedding_type)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if not fourier_scale > 0:
+            raise ValueError(f"fourier_scale must be > 0, got {fourier_scale}")
+        if embedding_channels is not None and (embedding_channels < 2 or embedding_channels % 2):
+            raise ValueError(f"embedding_channels must be an even number >= 2 (cos and sin pairs) or None, got {embedding_channels}")
         self.image_size, self.channels = image_size, channels  # what the modules read
         self.init_args = dict(  # how to build it again, for checkpoints made without the CLI
             image_size=image_size, channels=channels, model_channels=model_channels, channel_mult=list(channel_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), dropout=dropout,
-            embedding_type=embedding_type,
+            embedding_type=embedding_type, fourier_scale=fourier_scale, embedding_channels=embedding_channels,
         )
-        emb_dim = 4 * model_channels
-        embed = FourierEmbedding if embedding_type == "fourier" else PositionalEmbedding
-        self.embed = embed(model_channels)
-        self.map = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU())
+        emb_dim, noise_channels = 4 * model_channels, embedding_channels or model_channels
+        self.embed = make_embedding(embedding_type, noise_channels, fourier_scale)
+        self.map = nn.Sequential(nn.Linear(noise_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU())
         self.conv_in = nn.Conv2d(channels, model_channels, 3, padding=1)
 
         self.down, skips, c = nn.ModuleList(), [model_channels], model_channels
