@@ -10,7 +10,7 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from cli import main
-from cm_lightning import ConsistencyTrainingModule, EasyConsistencyTuningModule
+from cm_lightning import ConsistencyTrainingModule, DiffusionModule, EasyConsistencyTuningModule
 from cm_lightning.core.objectives import EasyConsistencyTuning
 from tests.helpers import make_trainer, module_checkpoint, randomise, tiny, tiny_args
 
@@ -161,3 +161,32 @@ def test_a_resumed_tuning_run_matches_the_straight_run_without_its_starting_file
     assert a["global_step"] == b["global_step"] == 8 and a["state_dict"].keys() == b["state_dict"].keys()
     assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"]) == 0.0
     assert a["init_from_sha256"] == b["init_from_sha256"] and len(a["init_from_sha256"]) == 64
+
+
+def test_edm_training_scalings_make_f_the_diffusion_models_denoiser_and_leave_sampling_alone(tmp_path):
+    """``train_scalings="edm"`` (ECT's code): in training f = D of the starting diffusion model exactly; sampling and
+    validation keep the σ_min-shifted f with f(x, σ_min) = x."""
+    teacher = module_checkpoint(tmp_path / "edm.ckpt")
+    ect, shifted = (tiny(EasyConsistencyTuningModule, init_from=str(teacher), train_scalings=s) for s in ("edm", "consistency"))
+    for m in (ect, shifted):
+        m.on_fit_start()  # load the starting weights
+    denoiser = DiffusionModule.load_from_checkpoint(teacher).network("ema")
+    x, sigma = torch.randn(3, 1, 16, 16), torch.tensor([0.002, 0.5, 20.0])
+    with torch.no_grad():
+        assert torch.equal(ect.training_function()(x, sigma), denoiser(x, sigma))
+        assert torch.equal(shifted.training_function()(x, sigma[:1].expand(3)), x)  # the boundary condition
+        assert not torch.allclose(ect.training_function()(x, sigma), shifted.training_function()(x, sigma))
+        assert torch.equal(ect.sample(2, seed=0, weights="online"), shifted.sample(2, seed=0, weights="online"))
+
+
+def test_edm_training_scalings_train_the_online_network(tmp_path):
+    m = tiny(EasyConsistencyTuningModule, train_scalings="edm", stage_steps=1)
+    before = [p.detach().clone() for p in m.online.parameters()]
+    make_trainer(tmp_path, max_steps=2).fit(m, DataLoader(torch.rand(8, 1, 16, 16) * 2 - 1, batch_size=4))
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.online.parameters()))
+    assert list(m.state_dict()) == list(tiny(EasyConsistencyTuningModule, train_scalings="consistency").state_dict())
+
+
+def test_train_scalings_names_the_accepted_values():
+    with pytest.raises(ValueError, match="train_scalings must be 'edm' or 'consistency', got 'karras'"):
+        tiny(EasyConsistencyTuningModule, train_scalings="karras")

@@ -4,6 +4,10 @@ The objective is ``core.objectives.EasyConsistencyTuning``; the curriculum stage
 global step k (so a resumed run is in the right stage); ``init_from`` (a DiffusionModule checkpoint) and
 f_θ come from ``ConsistencyModule``; everything else (network, EMAs, sampling, checkpoints) from
 ``GenerativeModule``. The target is sg f_θ, the online network itself (no θ⁻ copy).
+
+``train_scalings="edm"`` trains f with the plain EDM scalings (c_skip = σ_d²/(σ² + σ_d²), …), as locuslab/ect
+does, so that f = D of the diffusion model exactly at the start; sampling and validation always use the
+σ_min-shifted ones (f(x, σ_min) = x), as their evaluation does. The two differ by O(σ_min / σ) in c_skip, c_out.
 """
 
 import math
@@ -13,6 +17,7 @@ from torch import Tensor, nn
 
 from cm_lightning.core.objectives import EasyConsistencyTuning
 from cm_lightning.methods.consistency import ConsistencyModule, fixed_pairs
+from cm_lightning.nets.preconditioning import EDMDenoiser
 
 
 class EasyConsistencyTuningModule(ConsistencyModule):
@@ -32,6 +37,7 @@ class EasyConsistencyTuningModule(ConsistencyModule):
         stage_steps: int | None = None,
         num_stages: int = 8,
         val_num_scales: int = 40,
+        train_scalings: Literal["edm", "consistency"] = "edm",
         **kwargs,
     ):
         """
@@ -49,6 +55,9 @@ class EasyConsistencyTuningModule(ConsistencyModule):
                 divided by ``num_stages``.
             num_stages: stages over the run when ``stage_steps`` is None.
             val_num_scales: the validation loss uses the fixed σ pairs of this Karras grid.
+            train_scalings: the parametrisation of f in training: "edm" (the plain EDM scalings, ECT's code: f = D at
+                the start) or "consistency" (the σ_min-shifted ones that sampling uses). Sampling and validation use
+                the shifted ones either way.
             **kwargs: ``init_from`` / ``init_weights`` (ConsistencyModule) and the settings every method
                 shares (GenerativeModule): σ range, EMAs, sampling, optimizer, ...
         """
@@ -58,6 +67,8 @@ class EasyConsistencyTuningModule(ConsistencyModule):
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         if val_num_scales < 2:
             raise ValueError(f"val_num_scales must be >= 2, got {val_num_scales}")
+        if train_scalings not in ("edm", "consistency"):
+            raise ValueError(f"train_scalings must be 'edm' or 'consistency', got {train_scalings!r}")
         super().__init__(net=net, **kwargs)
         h = self.hparams
         self.objective = EasyConsistencyTuning(p_mean, p_std, mapping, q, k, b, c, h.sigma_min, h.sigma_max)
@@ -79,7 +90,14 @@ class EasyConsistencyTuningModule(ConsistencyModule):
         z, self._t, self._r = self.objective.draw(x, stage)
         self.log("train/stage", float(stage))
         self.log("train/mean_t_minus_r", (self._t - self._r).mean())
-        return self.objective.loss(self.online, self.online, x, z, self._t, self._r)
+        f = self.training_function()
+        return self.objective.loss(f, f, x, z, self._t, self._r)
+
+    def training_function(self) -> nn.Module:
+        """f_θ as training sees it: the online network in the ``train_scalings`` parametrisation (its weights)."""
+        if self.hparams.train_scalings == "consistency":
+            return self.online
+        return EDMDenoiser(self.online.net, self.hparams.sigma_data)  # a view: the same F, not a submodule
 
     def describe_step(self) -> str:
         return (f", with t in [{self._t.min().item():.4g}, {self._t.max().item():.4g}] and r up to "
