@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -24,21 +25,25 @@ class StepSearch(FID):
     """
 
     def __init__(self, steps: int = 2, num_scales: int = 40, num_samples: int = 10000, output: str | None = None,
-                 baseline: list[float] | None = [80.0, 0.8], **kwargs):
+                 baseline: list[float] | None = [80.0, 0.8], grid: Literal["training", "free"] = "training", **kwargs):
         """
         Args:
             steps: levels of the schedule to find (2: σ_max and one intermediate level).
-            num_scales: the Karras grid the levels are chosen from (the reference: 40).
+            num_scales: the Karras grid the levels are chosen from (the reference: 40), unless ``grid`` says otherwise.
             num_samples: generated images per candidate schedule.
             output: a JSON file for the found schedule, its FID and every candidate scored.
             baseline: a schedule scored first on the same images, to compare the found one with (the usual
                 two-step [80, 0.8]); None skips it.
+            grid: "training": a method with fixed training levels (CD) is searched on exactly those levels, where
+                it learned f; other methods on the Karras grid of ``num_scales``. "free": that Karras grid always.
             **kwargs: the FID callback's (feature, batch_size, seed, weights, inception_weights).
         """
         super().__init__(num_samples=num_samples, kid=False, **kwargs)
         if steps < 2 or num_scales < steps + 1:
             raise ValueError(f"steps must be >= 2 and num_scales > steps, got steps={steps}, num_scales={num_scales}")
-        self.steps, self.num_scales, self.output = steps, num_scales, output
+        if grid not in ("training", "free"):
+            raise ValueError(f"grid must be 'training' or 'free', got {grid!r}")
+        self.steps, self.num_scales, self.output, self.grid = steps, num_scales, output, grid
         self.baseline = [float(s) for s in baseline] if baseline else None
         self.result: dict | None = None
 
@@ -54,6 +59,11 @@ class StepSearch(FID):
                              "is not a consistency model (a diffusion model's steps are set by heun<N> / euler<N>)")
         if self.feature == "mnist" and pl_module.image_shape[0] != 1:
             raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={pl_module.image_shape[0]}")
+
+    def candidates(self, pl_module) -> list[float] | None:
+        """The levels to search: the model's training levels (``grid="training"``, if it has fixed ones), else None
+        (the Karras grid of ``num_scales``)."""
+        return pl_module.training_levels() if self.grid == "training" else None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         pass  # a search runs in test only
@@ -74,9 +84,11 @@ class StepSearch(FID):
         if self.baseline is not None:
             baseline = {"schedule": self.baseline, "fid": score(self.baseline)}
             rank_zero_info(f"Baseline {self.baseline}: FID {baseline['fid']:.2f}")
-        rank_zero_info(f"Searching a {self.steps}-level schedule on a {self.num_scales}-level Karras grid "
-                       f"({self.num_samples} images per candidate):")
-        schedule, best, scored = search_schedule(score, self.steps, self.num_scales, h.sigma_min, h.sigma_max, h.rho, report)
+        grid = self.candidates(pl_module)
+        where = f"the model's {len(grid)} training levels" if grid else f"a {self.num_scales}-level Karras grid"
+        rank_zero_info(f"Searching a {self.steps}-level schedule on {where} ({self.num_samples} images per candidate):")
+        schedule, best, scored = search_schedule(score, self.steps, self.num_scales, h.sigma_min, h.sigma_max, h.rho, report,
+                                                 grid)
         schedule = [round(s, 4) for s in schedule]
         pl_module.log("test/search_fid", best, sync_dist=False, rank_zero_only=False)
         self.result = {"schedule": schedule, "fid": best, "num_samples": self.num_samples, "baseline": baseline,

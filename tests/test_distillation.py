@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from cli import main
 from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule
+from cm_lightning.core.karras import karras_sigmas
 from cm_lightning.core.losses import squared_l2
 from cm_lightning.core.objectives import ConsistencyDistillation
 from cm_lightning.core.ode import ode_step
@@ -181,3 +182,15 @@ def test_a_resumed_distillation_matches_the_straight_run_and_a_changed_teacher_i
         main(cd_args(fake_mnist, teacher, tmp_path / "split", 10, "--ckpt_path=last"))
     main(cd_args(fake_mnist, teacher, tmp_path / "split", 10, "--ckpt_path=last", "--model.allow_teacher_change=true"))
     assert torch.load(resumed, weights_only=True)["global_step"] == 10
+
+
+def test_cd_samples_two_steps_at_a_level_it_was_trained_on():
+    """``sampling_levels="grid"``: grids and FID sample the second step at the trained level nearest 0.8 (1.0882 of
+    the 18-level grid), not at 0.8 between two trained levels; "free" keeps [80, 0.8]."""
+    levels = karras_sigmas(18).tolist()
+    one, two = tiny(ConsistencyDistillationModule).eval_samplers
+    assert one == [80.0] and two[0] == 80.0 and two[1] in levels and round(two[1], 4) == 1.0882
+    assert tiny(ConsistencyDistillationModule, num_scales=10).eval_samplers[1][1] in karras_sigmas(10).tolist()
+    assert tiny(ConsistencyDistillationModule, sampling_levels="free").eval_samplers == [[80.0], [80.0, 0.8]]
+    with pytest.raises(ValueError, match="sampling_levels must be 'grid' or 'free', got 'trained'"):
+        tiny(ConsistencyDistillationModule, sampling_levels="trained")

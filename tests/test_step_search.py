@@ -7,7 +7,7 @@ import pytest
 
 from callbacks import StepSearch
 from cli import main
-from cm_lightning import DiffusionModule
+from cm_lightning import ConsistencyDistillationModule, DiffusionModule
 from cm_lightning.core.karras import karras_sigmas
 from cm_lightning.sampling.schedule_search import search_schedule, ternary_search
 from tests.helpers import tiny, tiny_args
@@ -57,6 +57,22 @@ def test_bad_search_requests_are_refused():
         search_schedule(fid_like(1.0), steps=1)
     with pytest.raises(ValueError, match="num_scales must exceed steps"):
         search_schedule(fid_like(1.0), steps=3, num_scales=3)
+
+
+def test_a_search_on_a_given_grid_scores_only_its_levels():
+    levels = karras_sigmas(18).flip(0).tolist()  # CD's training grid, σ_max first
+    schedule, _, scored = search_schedule(fid_like(0.8), steps=3, grid=levels)
+    assert all(s in levels for candidate in scored for s in candidate) and schedule[1] in levels
+    with pytest.raises(ValueError, match="the grid must be decreasing"):
+        search_schedule(fid_like(0.8), grid=[0.8, 80.0])
+
+
+def test_step_search_takes_the_training_levels_of_a_model_that_has_them():
+    cd = tiny(ConsistencyDistillationModule, num_scales=10)
+    assert StepSearch().candidates(cd) == cd.training_levels() == karras_sigmas(10).flip(0).tolist()
+    assert StepSearch(grid="free").candidates(cd) is None and StepSearch().candidates(tiny()) is None  # iCT: none
+    with pytest.raises(ValueError, match="grid must be 'training' or 'free', got 'karras'"):
+        StepSearch(grid="karras")
 
 
 def test_step_search_refuses_a_diffusion_model_and_bad_settings():

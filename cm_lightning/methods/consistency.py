@@ -38,6 +38,11 @@ class ConsistencyModule(GenerativeModule):
     def wrap(self, net: nn.Module) -> ConsistencyFunction:
         return ConsistencyFunction(net, self.hparams.sigma_min, self.hparams.sigma_data)
 
+    def training_levels(self) -> list[float] | None:
+        """The fixed noise levels the method trains f on, descending, if it has such a grid (CD); None if its
+        levels move or are continuous (CT's curriculum, ECT), so a step search takes a grid of its own."""
+        return None
+
     # -- starting weights ---------------------------------------------------------------------
 
     def read_init_from(self) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ Everything else (network, EMAs, sampling, checkpoints) comes from ``GenerativeMo
 """
 
 import copy
+import math
 from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -37,6 +38,7 @@ class ConsistencyDistillationModule(ConsistencyModule):
         loss: Literal["l2", "l1", "pseudo_huber"] = "l2",
         mu: float = 0.0,
         allow_teacher_change: bool = False,
+        sampling_levels: Literal["grid", "free"] = "grid",
         **kwargs,
     ):
         """
@@ -53,6 +55,9 @@ class ConsistencyDistillationModule(ConsistencyModule):
             mu: fixed target decay μ of θ⁻ ← μ θ⁻ + (1 − μ) θ (paper: 0, stop-gradient, on CIFAR-10; 0.95 on
                 ImageNet 64).
             allow_teacher_change: resume even if the teacher file differs from the one the run started with.
+            sampling_levels: the two-step sampler of grids and FID: "grid" takes the second level from the training
+                grid (the level nearest 0.8 in ln σ: 1.0882 for N = 18), where the student learned f; "free" is
+                the usual [80, 0.8], between two trained levels.
             **kwargs: ``init_from`` (ConsistencyModule: start from other weights than the teacher's) and the
                 settings every method shares (GenerativeModule): σ range, EMAs, sampling,
                 optimizer, ...
@@ -63,6 +68,8 @@ class ConsistencyDistillationModule(ConsistencyModule):
             raise ValueError(f"loss must be one of {tuple(METRICS)}, got {loss!r}")
         if not 0 <= mu < 1:
             raise ValueError(f"mu must lie in [0, 1) (0 is stop-gradient), got {mu}")
+        if sampling_levels not in ("grid", "free"):
+            raise ValueError(f"sampling_levels must be 'grid' or 'free', got {sampling_levels!r}")
         super().__init__(net=net, **kwargs)
         h = self.hparams
         self.objective = ConsistencyDistillation(METRICS[loss], num_scales, h.sigma_min, h.sigma_max, h.rho, solver == "heun")
@@ -81,6 +88,19 @@ class ConsistencyDistillationModule(ConsistencyModule):
     def target_decay(self) -> float:
         """The fixed μ."""
         return self.hparams.mu
+
+    def training_levels(self) -> list[float]:
+        """The N Karras levels the student is trained on, descending (σ_max first)."""
+        return self.objective.sigmas.flip(0).tolist()
+
+    @property
+    def eval_samplers(self) -> list[list[float]]:
+        """One step, and two steps whose second level is a trained one ("grid") or 0.8 ("free")."""
+        if self.hparams.sampling_levels == "free":
+            return super().eval_samplers
+        levels = self.training_levels()
+        second = min(levels[1:-1], key=lambda s: abs(math.log(s / 0.8)))
+        return [[levels[0]], [levels[0], second]]
 
     # -- the teacher --------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ ternary search over a Karras grid; a third level can then be searched below the 
 schedules, e.g. ``fid_score`` (the FID machinery of the ``FID`` callback as a function).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cm_lightning.core.karras import SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
@@ -43,15 +43,21 @@ def ternary_search(score: Callable[[int], float], low: int, high: int, on_score:
 def search_schedule(
     score: Callable[[list[float]], float], steps: int = 2, num_scales: int = 40, sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX, rho: float = 7.0, on_score: Callable[[list[float], float], None] | None = None,
+    grid: Sequence[float] | None = None,
 ) -> tuple[list[float], float, dict[tuple[float, ...], float]]:
     """The schedule [σ_max, σ_2, …] of ``steps`` levels minimising ``score``: each further level is a
-    ternary search over the Karras grid of ``num_scales`` levels strictly below the previous one, the
-    earlier levels fixed (greedy). Returns the schedule, its score and every schedule scored."""
+    ternary search over the grid's levels strictly below the previous one, the earlier levels fixed
+    (greedy). The grid is ``grid`` (descending, σ_max first: a method's training levels) or else the Karras
+    grid of ``num_scales`` levels. Returns the schedule, its score and every schedule scored."""
     if steps < 2:
         raise ValueError(f"a search needs steps >= 2 (one step has nothing to choose), got {steps}")
-    if num_scales < steps + 1:
-        raise ValueError(f"num_scales must exceed steps ({steps}), got {num_scales}")
-    grid = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0).tolist()  # decreasing: grid[0] = σ_max
+    if grid is None:
+        if num_scales < steps + 1:
+            raise ValueError(f"num_scales must exceed steps ({steps}), got {num_scales}")
+        grid = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0).tolist()  # decreasing: grid[0] = σ_max
+    grid = [float(s) for s in grid]
+    if len(grid) < steps + 1 or any(a <= b for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"the grid must be decreasing with more than steps ({steps}) levels, got {grid}")
     schedule, last, scored = [float(grid[0])], 0, {}
     best_score = float("nan")
     for _ in range(steps - 1):
