@@ -8,6 +8,7 @@ import torch
 
 from cli import main
 from cm_lightning import ConsistencyTrainingModule
+from cm_lightning.io.upgrade import UNET_ARGS
 from tests.helpers import tiny_args
 
 
@@ -15,7 +16,7 @@ def as_version_0_1(new_path, old_path) -> None:
     """The 0.1 layout of a checkpoint: the UNet's arguments flat among the module's, ``predict_sigmas``."""
     checkpoint = torch.load(new_path, weights_only=True)
     hparams = checkpoint["hyper_parameters"]
-    hparams.update(hparams.pop("net")["init_args"])
+    hparams.update({k: v for k, v in hparams.pop("net")["init_args"].items() if k in UNET_ARGS})  # 0.1's UNet had these
     hparams["predict_sigmas"] = hparams.pop("predict_sampler") or [80.0]
     hparams.pop("_class_path")
     torch.save(checkpoint, old_path)

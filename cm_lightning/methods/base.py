@@ -89,7 +89,9 @@ class GenerativeModule(Sampling, LightningModule):
         if not 0 <= predict_seed < 2**31:
             raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
         net = build_network(net)
-        if not isinstance(self.hparams.get("net"), dict):  # built in Python: keep its config, not the object
+        if isinstance(self.hparams.get("net"), dict):  # a config: record every argument it was built with
+            self.hparams["net"] = with_net_defaults(dict(self.hparams))["net"]
+        else:  # built in Python: keep its config, not the object
             self.hparams["net"] = network_config(net)
         self.online = self.wrap(net)
         self.target: nn.Module | None = None  # θ⁻ of a method that averages one (CT, CD with μ > 0); see target_decay
@@ -125,7 +127,7 @@ class GenerativeModule(Sampling, LightningModule):
     def structure_of(cls, hparams: dict) -> dict:
         """The settings that decide the state dict's shapes, as recorded in (a checkpoint's) hyper-parameters;
         the network's class by its canonical path, whatever name the file or config gave it."""
-        return module_structure(comparable(hparams))
+        return module_structure(with_canonical_net(hparams))
 
     # -- what the base class offers a method ------------------------------------------------
 
@@ -266,8 +268,8 @@ class GenerativeModule(Sampling, LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, by name, a checkpoint of another structure (``core.structure``); a resumed ``fit`` goes on
         with the run's own seed, whatever seed the relaunch was given."""
-        refusal = structure_refusal(type(self).structure_of(checkpoint.get("hyper_parameters", {})), self.structure(),
-                                    type(self).__name__)
+        saved = file_network(checkpoint.get("hyper_parameters", {}))  # the file's network as it was built
+        refusal = structure_refusal(type(self).structure_of(saved), self.structure(), type(self).__name__)
         if refusal:
             raise ValueError(refusal)
         seed = checkpoint.get("run_seed")
@@ -285,9 +287,10 @@ class GenerativeModule(Sampling, LightningModule):
             self.log(name, loss.mean(), prog_bar=name == "val/loss", sync_dist=True)
 
 
-def comparable(hparams: dict) -> dict:
-    """Hyper-parameters whose network can be compared with another's: its class by the canonical path, the
-    arguments it does not name at their defaults (files of older versions name fewer)."""
+def file_network(hparams: dict) -> dict:
+    """A file's hyper-parameters with its network as it was built: the class by its canonical path, the arguments
+    the file does not name at their defaults (a file of an older version names fewer). Only for files: a network
+    built in Python without ``init_args`` does not name its arguments either, and they need not be the defaults."""
     return with_net_defaults(with_canonical_net(hparams))
 
 

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 from cm_lightning.core.karras import karras_sigmas
 from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.structure import network_differences
+from cm_lightning.io.module_paths import with_canonical_net
 from cm_lightning.io.teacher_file import read_diffusion_checkpoint
-from cm_lightning.methods.base import GenerativeModule, comparable
+from cm_lightning.methods.base import GenerativeModule, file_network
 from cm_lightning.methods.diffusion import DiffusionModule
 from cm_lightning.nets.preconditioning import ConsistencyFunction
 
@@ -49,7 +50,7 @@ class ConsistencyModule(GenerativeModule):
         """F's weights of ``init_from``, refused (naming the file) if its network differs from ``net``."""
         path = self.hparams.init_from
         found = read_diffusion_checkpoint(path, self.hparams.init_weights, role="init_from", expected=DiffusionModule)
-        differ = network_differences(comparable(found.hparams), comparable(dict(self.hparams)))
+        differ = network_differences(file_network(found.hparams), with_canonical_net(dict(self.hparams)))
         if differ:
             raise ValueError(f"init_from {path!r} has another network than this model: " + "; ".join(differ)
                              + ". Give the model that checkpoint's settings (its config.yaml's model.init_args.net).")
