@@ -199,3 +199,14 @@ def test_arguments_the_0_2_file_predates_count_as_their_defaults():
         else:
             with pytest.raises(ValueError, match="net.fourier_scale: teacher 16.0, student 0.02"):
                 student.load_teacher()
+
+
+def test_a_0_2_tuning_run_resumes_with_the_scalings_it_trained_with(tmp_path):
+    """0.2's ECT trained with the σ_min-shifted scalings; today's default is ECT's plain EDM ones."""
+    assert EasyConsistencyTuningModule.load_from_checkpoint(FIXTURES / "ect.ckpt").hparams.train_scalings == "consistency"
+    model = EasyConsistencyTuningModule(net=student_net("ect"))
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "pytorch-lightning_version": saved("ect")["pytorch-lightning_version"]}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "today.ckpt")
+    assert EasyConsistencyTuningModule.load_from_checkpoint(tmp_path / "today.ckpt").hparams.train_scalings == "edm"

@@ -79,6 +79,12 @@ class EasyConsistencyTuningModule(ConsistencyModule):
         if stage == "fit" and self.hparams.stage_steps is None:
             self._stage_steps = max(1, math.ceil(self.trainer_steps() / self.hparams.num_stages))
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A file from before ``train_scalings`` existed trained with the shifted scalings: it resumes with them."""
+        super().on_load_checkpoint(checkpoint)
+        if "train_scalings" not in checkpoint.get("hyper_parameters", {}):
+            self.hparams.train_scalings = "consistency"
+
     def stage(self, k: int | None = None) -> int:
         """s = ⌊k / d⌋ at global step k (default: now)."""
         if self._stage_steps is None:
