@@ -57,14 +57,20 @@ def current_class_path(class_path: str) -> str:
     return class_path
 
 
-def canonical_class_path(class_path: str) -> str:
-    """The module path where the class named by ``class_path`` is defined, for comparing two names of one
-    class (``cm_lightning.UNet``, ``cm_lightning.unet.UNet`` and ``cm_lightning.nets.unet.UNet`` are one):
-    0.2 paths are mapped as strings, then a class found in an already imported module gives its own
-    ``__module__``. Nothing is imported."""
+def imported_class(class_path: str) -> type | None:
+    """The class named by ``class_path`` (today's path or 0.2's) if its module is imported already, else None.
+    Nothing is imported: a name read from a file never runs code."""
     module, _, name = current_class_path(class_path).rpartition(".")
     cls = getattr(sys.modules.get(module), name, None)
-    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else current_class_path(class_path)
+    return cls if isinstance(cls, type) else None
+
+
+def canonical_class_path(class_path: str) -> str:
+    """The module path where the class named by ``class_path`` is defined, for comparing two names of one
+    class (``cm_lightning.UNet``, ``cm_lightning.unet.UNet`` and ``cm_lightning.nets.unet.UNet`` are one);
+    a class not imported yet keeps its (mapped) name."""
+    cls = imported_class(class_path)
+    return f"{cls.__module__}.{cls.__qualname__}" if cls is not None else current_class_path(class_path)
 
 
 def with_canonical_net(hparams: dict) -> dict:

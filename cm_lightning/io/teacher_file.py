@@ -8,7 +8,6 @@ refuses a file whose network settings differ (``core.structure.network_differenc
 
 import hashlib
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cm_lightning.core.ema import weights_keys
-from cm_lightning.io.module_paths import current_class_path
+from cm_lightning.io.module_paths import imported_class
 
 HOW_TO_TRAIN = "train one with `cm-lightning fit --config configs/mnist_edm.yaml` (or cifar10_edm.yaml)"
 
@@ -67,11 +66,8 @@ def read_diffusion_checkpoint(
 def _is_kind(kind, expected: type) -> bool:
     """Whether the class named ``kind`` (by today's or an older module path) is ``expected`` or a subclass of it
     already imported by the user's code: nothing named in the file is imported."""
-    if not isinstance(kind, str) or "." not in kind:
-        return False
-    module, _, name = current_class_path(kind).rpartition(".")
-    cls = getattr(sys.modules.get(module), name, None)
-    return isinstance(cls, type) and issubclass(cls, expected)
+    cls = imported_class(kind) if isinstance(kind, str) else None
+    return cls is not None and issubclass(cls, expected)
 
 
 def _prefix(weights: str, decays: list, path: Path, role: str) -> str:

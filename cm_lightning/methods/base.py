@@ -26,7 +26,7 @@ from cm_lightning.core.lr_schedules import CosineDecay
 from cm_lightning.core.noise import step_seed
 from cm_lightning.core.nonfinite import NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
-from cm_lightning.io.module_paths import with_canonical_net
+from cm_lightning.io.module_paths import imported_class, with_canonical_net
 from cm_lightning.nets.contract import build_network, network_config, with_net_defaults
 from cm_lightning.sampling.sampling_module import Sampling, SamplerSpec
 
@@ -90,7 +90,7 @@ class GenerativeModule(Sampling, LightningModule):
             raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
         net = build_network(net)
         if isinstance(self.hparams.get("net"), dict):  # a config: record every argument it was built with
-            self.hparams["net"] = with_net_defaults(dict(self.hparams))["net"]
+            self.hparams["net"] = with_net_defaults(dict(self.hparams), type(net))["net"]
         else:  # built in Python: keep its config, not the object
             self.hparams["net"] = network_config(net)
         self.online = self.wrap(net)
@@ -289,9 +289,11 @@ class GenerativeModule(Sampling, LightningModule):
 
 def file_network(hparams: dict) -> dict:
     """A file's hyper-parameters with its network as it was built: the class by its canonical path, the arguments
-    the file does not name at their defaults (a file of an older version names fewer). Only for files: a network
-    built in Python without ``init_args`` does not name its arguments either, and they need not be the defaults."""
-    return with_net_defaults(with_canonical_net(hparams))
+    the file does not name at their class's defaults (a file of an older version names fewer)."""
+    hparams = with_canonical_net(hparams)
+    path = hparams["net"].get("class_path") if isinstance(hparams.get("net"), dict) else None
+    cls = imported_class(path) if isinstance(path, str) else None
+    return hparams if cls is None else with_net_defaults(hparams, cls)
 
 
 def images_of(batch: Tensor | Sequence[Tensor]) -> Tensor:

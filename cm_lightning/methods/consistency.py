@@ -11,7 +11,7 @@ from cm_lightning.core.karras import karras_sigmas
 from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.structure import network_differences
 from cm_lightning.io.module_paths import with_canonical_net
-from cm_lightning.io.teacher_file import read_diffusion_checkpoint
+from cm_lightning.io.teacher_file import DiffusionWeights, read_diffusion_checkpoint
 from cm_lightning.methods.base import GenerativeModule, file_network
 from cm_lightning.methods.diffusion import DiffusionModule
 from cm_lightning.nets.preconditioning import ConsistencyFunction
@@ -46,14 +46,19 @@ class ConsistencyModule(GenerativeModule):
 
     # -- starting weights ---------------------------------------------------------------------
 
-    def read_init_from(self) -> dict[str, Tensor]:
-        """F's weights of ``init_from``, refused (naming the file) if its network differs from ``net``."""
-        path = self.hparams.init_from
-        found = read_diffusion_checkpoint(path, self.hparams.init_weights, role="init_from", expected=DiffusionModule)
+    def read_diffusion_file(self, path: str, weights: str | None, role: str) -> DiffusionWeights:
+        """The network weights of a DiffusionModule file (``init_from``, CD's teacher), refused (naming the file and
+        the settings that differ) if its network is not this model's."""
+        found = read_diffusion_checkpoint(path, weights, role=role, expected=DiffusionModule)
         differ = network_differences(file_network(found.hparams), with_canonical_net(dict(self.hparams)))
         if differ:
-            raise ValueError(f"init_from {path!r} has another network than this model: " + "; ".join(differ)
-                             + ". Give the model that checkpoint's settings (its config.yaml's model.init_args.net).")
+            raise ValueError(f"the {role} {path!r} has another network than the student: " + "; ".join(differ)
+                             + ". Give the student that checkpoint's settings (its config.yaml's model.init_args.net).")
+        return found
+
+    def read_init_from(self) -> dict[str, Tensor]:
+        """F's weights of ``init_from``, refused (naming the file) if its network differs from ``net``."""
+        found = self.read_diffusion_file(self.hparams.init_from, self.hparams.init_weights, "init_from")
         self._init_sha256 = found.sha256
         return found.net_state
 

@@ -17,12 +17,7 @@ from cm_lightning.core.compile import compile_networks
 from cm_lightning.core.losses import METRICS
 from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.objectives import ConsistencyDistillation
-from cm_lightning.core.structure import network_differences
-from cm_lightning.io.module_paths import with_canonical_net
-from cm_lightning.io.teacher_file import DiffusionWeights, read_diffusion_checkpoint
-from cm_lightning.methods.base import file_network
 from cm_lightning.methods.consistency import ConsistencyModule
-from cm_lightning.methods.diffusion import DiffusionModule
 from cm_lightning.nets.preconditioning import EDMDenoiser
 
 
@@ -119,12 +114,7 @@ class ConsistencyDistillationModule(ConsistencyModule):
         """Read the teacher file, refuse another network than the student's, freeze it."""
         if self.hparams.teacher is None:
             raise ValueError("consistency distillation needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
-        found: DiffusionWeights = read_diffusion_checkpoint(self.hparams.teacher, self.hparams.teacher_weights,
-                                                            expected=DiffusionModule)
-        differ = network_differences(file_network(found.hparams), with_canonical_net(dict(self.hparams)))
-        if differ:
-            raise ValueError(f"the teacher {self.hparams.teacher!r} has another network than the student: "
-                             + "; ".join(differ) + ". Give the student the teacher's settings (its config.yaml's model.init_args.net).")
+        found = self.read_diffusion_file(self.hparams.teacher, self.hparams.teacher_weights, "teacher")
         teacher = EDMDenoiser(copy.deepcopy(self.online.net), found.hparams.get("sigma_data", 0.5))
         teacher.net.load_state_dict(found.net_state)
         if self.hparams.compile:

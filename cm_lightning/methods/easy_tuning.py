@@ -73,6 +73,8 @@ class EasyConsistencyTuningModule(ConsistencyModule):
         h = self.hparams
         self.objective = EasyConsistencyTuning(p_mean, p_std, mapping, q, k, b, c, h.sigma_min, h.sigma_max)
         self._stage_steps = stage_steps
+        # f with the plain EDM scalings over the online F: a view built once, not a submodule (no second state-dict copy)
+        object.__setattr__(self, "_edm_view", EDMDenoiser(self.online.net, self.hparams.sigma_data))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -101,9 +103,7 @@ class EasyConsistencyTuningModule(ConsistencyModule):
 
     def training_function(self) -> nn.Module:
         """f_θ as training sees it: the online network in the ``train_scalings`` parametrisation (its weights)."""
-        if self.hparams.train_scalings == "consistency":
-            return self.online
-        return EDMDenoiser(self.online.net, self.hparams.sigma_data)  # a view: the same F, not a submodule
+        return self.online if self.hparams.train_scalings == "consistency" else self._edm_view
 
     def describe_step(self) -> str:
         return (f", with t in [{self._t.min().item():.4g}, {self._t.max().item():.4g}] and r up to "

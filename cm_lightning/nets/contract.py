@@ -6,7 +6,6 @@ Checkpoints store it as plain data, {"class_path", "init_args"}, so they load wi
 """
 
 import inspect
-import sys
 
 from torch import nn
 
@@ -37,17 +36,11 @@ def build_network(net: nn.Module | dict | None) -> nn.Module:
     return net
 
 
-def with_net_defaults(hparams: dict) -> dict:
-    """``hparams`` with the network's arguments that its config does not name set to the class's defaults: a
-    checkpoint written before an argument existed (``fourier_scale``, say) was built with its default, so the two
-    compare equal. The class must be imported already (nothing is imported here); a shallow copy."""
-    net = hparams.get("net")
-    if not isinstance(net, dict) or not isinstance(net.get("class_path"), str):
-        return hparams
-    module, _, name = net["class_path"].rpartition(".")
-    cls = getattr(sys.modules.get(module), name, None)
-    if not isinstance(cls, type):
-        return hparams
-    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
-    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} | net.get("init_args", {})
-    return {**hparams, "net": {**net, "init_args": init_args}}
+def with_net_defaults(hparams: dict, cls: type) -> dict:
+    """``hparams`` with the network's arguments that its config does not name set to the defaults of ``cls``, its
+    class: a network is built with those, so a checkpoint written before an argument existed (``fourier_scale``,
+    say) compares equal to one that names the default. A shallow copy."""
+    defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default
+                for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+    net = hparams["net"]
+    return {**hparams, "net": {**net, "init_args": defaults | net.get("init_args", {})}}
