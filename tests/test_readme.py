@@ -1,6 +1,7 @@
 """The README's commands, run as a new user runs them (tiny network, fake data, a few steps)."""
 
 import hashlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from cli import main
+from cm_lightning.io import post_hoc_ema
 from tests.helpers import TINY_NET
 
 ROOT = Path(__file__).parents[1]
@@ -25,8 +27,8 @@ def readme_commands() -> list[list[str]]:
 
 
 def readme_fit(config: str) -> list[str]:
-    (command,) = [c for c in readme_commands() if c[1] == "fit" and c[2:4] == ["--config", f"configs/{config}.yaml"]]
-    return command[1:]
+    """The README's first ``fit`` of the preset ``config`` (later ones show options on top of it)."""
+    return [c for c in readme_commands() if c[1] == "fit" and c[2:4] == ["--config", f"configs/{config}.yaml"]][0][1:]
 
 
 def sha256(path: Path) -> str:
@@ -45,3 +47,20 @@ def test_the_teacher_chain_works_after_the_quick_start_in_the_same_folder(fake_m
     student = torch.load(next(Path("runs/mnist_cd").rglob("last.ckpt")), weights_only=True)
     tuned = torch.load(next(Path("runs/mnist_ect").rglob("last.ckpt")), weights_only=True)
     assert student["teacher_sha256"] == sha256(teacher) == tuned["init_from_sha256"]
+
+
+@pytest.mark.slow
+def test_the_post_hoc_ema_commands(fake_mnist, tmp_path, monkeypatch):
+    """Fit with the callback, sweep σ_rel in ``test``, reconstruct one: as written, on a tiny net and fake data."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    fit, sweep = [c[1:] for c in readme_commands() if "callbacks.PostHocEMA" in " ".join(c)
+                  or "callbacks.PostHocEMASweep" in " ".join(c)]
+    quick = [a for a in QUICK if not a.startswith("--trainer.callbacks")]  # keeps the callback the command adds
+    main([*fit, f"--data.data_dir={fake_mnist}", *quick])
+    main([*sweep, f"--data.data_dir={fake_mnist}", "--trainer.callbacks.num_samples=4", "--trainer.callbacks.batch_size=4",
+          "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"])
+    assert set(json.loads(Path("runs/phema_sweep.json").read_text())["fid"]["heun18"]) == {"0.05", "0.1", "0.15", "0.2"}
+    block = re.search(r"python -m cm_lightning.io.post_hoc_ema .*?\n(?!    )", (ROOT / "README.md").read_text(), re.S)
+    post_hoc_ema.main(shlex.split(block.group(0).replace("\\\n", " "))[3:])
+    assert Path("runs/mnist_edm_phema/reconstructed/phema_0.150.ckpt").is_file()
