@@ -110,8 +110,10 @@ def module_class(stage: Stage):
     return getattr(importlib.import_module(module), name)
 
 
-def train(name: str, args, work: Path, teacher: str | None) -> list[dict]:
-    stage = STAGES[name]
+def train(name: str, args, work: Path, teacher: str | None, stage: Stage | None = None, callbacks: tuple = ()) -> list[dict]:
+    """Trains ``stage`` (default: ``STAGES[name]``) as its preset's ``fit`` would, with ``callbacks`` added, and
+    returns its checkpoints with their training times."""
+    stage = stage or STAGES[name]
     steps = min(stage.max_steps or preset(stage)["trainer"]["max_steps"], args.max_steps or float("inf"))
     marks = [round(steps * (i + 1) / args.points) for i in range(args.points)]
     argv = [
@@ -123,7 +125,7 @@ def train(name: str, args, work: Path, teacher: str | None) -> list[dict]:
         argv.append(f"{stage.teacher_arg}={teacher}")
     cli = build_cli(argv, run=False)
     saver = StepCheckpoints(marks, work, name)
-    cli.trainer.callbacks.append(saver)
+    cli.trainer.callbacks[:0] = [*callbacks, saver]  # before the checkpoint callbacks, as Lightning orders them
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return saver.saved
 

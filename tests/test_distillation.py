@@ -134,6 +134,8 @@ def test_bad_teachers_are_refused_by_name(tmp_path):
     refuse(ValueError, str(wide), "net.model_channels: teacher 16, student 8")
     refuse(ValueError, str(wide), "has no weights 'ema_0.5'", model_channels=16, teacher_weights="ema_0.5")
     refuse(ValueError, None, "needs a teacher: --model.teacher")
+    other = module_checkpoint(tmp_path / "other_sigma_data.ckpt", sigma_data=0.62)
+    refuse(ValueError, str(other), "sigma_data: teacher 0.62, student 0.5")  # F's weights are tied to its c_in, c_out
     with pytest.raises(ValueError, match="mu must lie in"):
         tiny(ConsistencyDistillationModule, mu=1.0)
     m = tiny(ConsistencyDistillationModule, teacher=str(wide))  # refused at start-up, before any step

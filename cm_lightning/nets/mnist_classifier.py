@@ -46,21 +46,23 @@ class MNISTClassifier(nn.Module):
         return model.eval().requires_grad_(False)
 
 
-def _mnist(data_dir: str, train: bool) -> tuple[Tensor, Tensor]:
+def mnist_tensors(data_dir: str, train: bool) -> tuple[Tensor, Tensor]:
+    """MNIST images padded to 32×32 in [-1, 1] (the MNISTDataModule's format) and their labels."""
     ds = MNIST(data_dir, train=train, download=False)
     return F.pad(ds.data, (2, 2, 2, 2))[:, None].float() / 127.5 - 1, ds.targets
 
 
 @torch.no_grad()
-def accuracy(model: MNISTClassifier, images: Tensor, labels: Tensor) -> float:
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     predictions = torch.cat([model.logits(chunk).argmax(1) for chunk in images.split(1000)])
     return (predictions == labels).float().mean().item()
 
 
-def train(data_dir: str, epochs: int, seed: int) -> MNISTClassifier:
+def train(data_dir: str, epochs: int, seed: int, model: nn.Module | None = None) -> nn.Module:
+    """Trains ``model`` (default: an MNISTClassifier; any module with ``logits``) on the MNIST training set."""
     torch.manual_seed(seed)
-    images, labels = _mnist(data_dir, train=True)
-    model, start = MNISTClassifier(), time.time()
+    images, labels = mnist_tensors(data_dir, train=True)
+    model, start = model or MNISTClassifier(), time.time()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * (len(images) // 128))
     for epoch in range(epochs):
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(WEIGHTS))
     args = parser.parse_args()
     model = train(args.data_dir, args.epochs, args.seed)
-    print(f"test accuracy: {accuracy(model, *_mnist(args.data_dir, train=False)):.4f}")
+    print(f"test accuracy: {accuracy(model, *mnist_tensors(args.data_dir, train=False)):.4f}")
     torch.save(model.state_dict(), args.out)
 
 

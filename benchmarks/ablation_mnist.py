@@ -1,0 +1,201 @@
+"""Which choices bring a student to its teacher: the teacher and its CD and ECT students per choice, in one run,
+scored in two feature spaces.
+
+    python benchmarks/ablation_mnist.py --arms fourier16 fourier0.02 positional_edm --stages edm
+    python benchmarks/ablation_mnist.py --arms fourier0.02 --stages edm cd ect    # students of a trained arm
+    python benchmarks/ablation_mnist.py --score-only                             # finish an interrupted scoring
+
+An *arm* is a set of arguments given to the teacher and to its students alike (the network must match): the
+noise embedding (DESIGN §2.7), σ_data, …; ``fourier16`` is today's presets unchanged. Per arm, ``edm`` trains the
+``mnist_edm`` teacher, ``cd`` distils it (``mnist_cd``) and ``ect`` tunes it (``mnist_ect``), each at its preset's
+length with the ``PostHocEMA`` callback on, as a user's ``fit`` would. A stage already trained in an earlier run
+(its record and checkpoint exist) is not trained again, so arms and stages can be added run after run; training
+times are recorded per stage (a student's total includes its teacher's).
+
+Scoring (after all training): every FID is computed on the same generated images in two feature spaces, the shipped
+classifier's (``mnist``) and the independent ``benchmarks/feature_net.py`` network's (``net_b``), ``--num-samples``
+images against the 10,000 MNIST test images. The teacher: Heun 10 (19 evaluations) with its preset's weights; then
+the post-hoc EMA sweep (Heun 5, ``--sweep-samples`` images per σ_rel, classifier features) and the best σ_rel at
+Heun 10 with ``--num-samples``. Students: one step and their two-step default (CD: on its trained grid; ECT:
+[80, 0.8]). Results: ``results/ablation_mnist.json``, written after every stage and every score.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, machine
+from feature_net import load as load_feature_net
+from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
+from callbacks import PostHocEMA
+from callbacks.fid import Scores
+from cm_lightning.io.post_hoc_ema import reconstruct
+from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
+
+RESULTS = ROOT / "benchmarks" / "results" / "ablation_mnist.json"
+ARMS = {
+    "fourier16": (),  # today's presets: random Fourier features of c_noise at scale 16
+    "fourier0.02": ("--model.net.init_args.fourier_scale=0.02",),  # iCT §3.1's scale
+    "positional_edm": ("--model.net.init_args.embedding_type=positional_edm",),  # EDM DDPM++: sinusoids of c_noise
+    "sigma_data0.62": ("--model.sigma_data=0.62",),  # MNIST's standard deviation in [-1, 1]
+    "sigma_data0.96": ("--model.sigma_data=0.96",),  # … and its root mean square
+}
+STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint, argument naming the teacher)
+    "edm": ("mnist_edm.yaml", (HEUN10,), None),
+    "cd": ("mnist_cd.yaml", (ONE_STEP, "default2"), "--model.teacher"),
+    "ect": ("mnist_ect.yaml", (ONE_STEP, "default2"), "--model.init_from"),
+}
+# student variants: the base stage with its own arguments (the suspects that concern one method)
+VARIANTS = {
+    "ect_edm_scalings": ("ect", ("--model.train_scalings=edm",)),  # ECT's code: f = D at the start
+    "ect_stages8": ("ect", ("--model.num_stages=8",)),  # t − r shrinks to t/256 instead of t/16
+}
+SIGMA_RELS = (0.05, 0.1, 0.15, 0.2)
+
+
+def base_of(stage: str) -> tuple[str, tuple]:
+    """The preset stage a (variant) stage trains, and its own arguments."""
+    return VARIANTS.get(stage, (stage, ()))
+
+
+def stage_of(arm: str, stage: str) -> Stage:
+    base, extra = base_of(stage)
+    preset, samplers, teacher_arg = STAGE_PRESETS[base]
+    return Stage(preset, (), final_samplers=samplers, extra=ARMS[arm] + extra, teacher=None if base == "edm" else "edm",
+                 teacher_arg=teacher_arg or "--model.teacher", label=f"{arm}: {stage}")
+
+
+class TwoSpaces:
+    """FID of generated images against the MNIST test set in two feature spaces, from one generation pass."""
+
+    def __init__(self, data_dir: str, device: torch.device):
+        nets = {"mnist": MNISTClassifier.pretrained(), "net_b": load_feature_net()}
+        self.scores = {k: Scores(n.to(device), n.num_features, kid=False).to(device) for k, n in nets.items()}
+        real, _ = mnist_tensors(data_dir, train=False)
+        for batch in real.split(500):
+            for s in self.scores.values():
+                s.update(batch.to(device), real=True)
+
+    @torch.no_grad()
+    def __call__(self, module, sampler, num_samples: int, spaces: tuple = ("mnist", "net_b")) -> dict[str, float]:
+        used = {k: self.scores[k] for k in spaces}
+        for s in used.values():
+            s.reset()
+        for start in range(0, num_samples, 500):
+            x = module.sample(min(500, num_samples - start), sampler, seed=0, first_index=start)
+            for s in used.values():
+                s.update(x, real=False)
+        return {k: round(s.compute()["fid"].item(), 2) for k, s in used.items()}
+
+
+def sampler_of(module, sampler):
+    """``default2``: the model's own two-step schedule (CD: its trained level nearest 0.8)."""
+    if sampler == "default2":
+        return next(s for s in module.eval_samplers if not isinstance(s, str) and len(s) == 2)
+    return list(sampler) if isinstance(sampler, tuple) else sampler
+
+
+def key_of(module, sampler) -> str:
+    resolved = sampler_of(module, sampler)
+    return resolved if isinstance(resolved, str) else "sigmas_" + "_".join(f"{s:.4g}" for s in resolved)
+
+
+def score_stage(name: str, record: dict, stage: str, scorer: TwoSpaces, args, write) -> None:
+    """Every score of one trained stage that the record lacks, written as each is finished."""
+    point = record["points"][-1]
+    scores = record.setdefault("fid", {})
+    base = base_of(stage)[0]
+    cls = module_class(Stage(STAGE_PRESETS[base][0], ()))
+    module = cls.load_from_checkpoint(ROOT / point["path"], map_location="cpu", weights_only=True).eval()
+    for sampler in STAGE_PRESETS[base][1]:
+        key = key_of(module, sampler)
+        if key not in scores:
+            started = time.time()
+            scores[key] = scorer(module, sampler_of(module, sampler), args.num_samples)
+            print(f"{name} {key}: {scores[key]} ({time.time() - started:.0f} s)", flush=True)
+            write()
+    if base != "edm" or args.skip_phema:
+        return
+    network = module.network(module.hparams.eval_weights)
+    sweep = record.setdefault("phema_sweep_heun5", {})
+    folder = ROOT / record["phema_folder"]
+    for result in reconstruct(folder, [s for s in args.sigma_rels if f"{s:g}" not in sweep]):
+        network.load_state_dict(result.state_dict)
+        sweep[f"{result.sigma_rel:g}"] = scorer(module, "heun5", args.sweep_samples, spaces=("mnist",))["mnist"]
+        print(f"{name} post-hoc EMA σ_rel {result.sigma_rel:g}: heun5 FID {sweep[f'{result.sigma_rel:g}']}", flush=True)
+        write()
+    best = min(sweep, key=sweep.get)
+    if record.get("phema_best", {}).get("sigma_rel") != float(best):
+        (result,) = reconstruct(folder, [float(best)])
+        network.load_state_dict(result.state_dict)
+        record["phema_best"] = {"sigma_rel": float(best), HEUN10: scorer(module, HEUN10, args.num_samples)}
+        print(f"{name} best σ_rel {best}: {record['phema_best']}", flush=True)
+        write()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=["fourier16"], metavar="ARM", help=f"of {list(ARMS)}")
+    parser.add_argument("--stages", nargs="+", default=["edm"], metavar="STAGE",
+                        help=f"of {list(STAGE_PRESETS) + list(VARIANTS)}")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--num-samples", type=int, default=10000)
+    parser.add_argument("--sweep-samples", type=int, default=2000)
+    parser.add_argument("--sigma-rels", type=float, nargs="+", default=list(SIGMA_RELS))
+    parser.add_argument("--skip-phema", action="store_true", help="no post-hoc EMA sweep")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "ablation_mnist"))
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--score-only", action="store_true", help="train nothing; score what the results file lists")
+    args = parser.parse_args()
+    args.points = 1
+    stages = list(STAGE_PRESETS) + list(VARIANTS)
+    bad = [a for a in args.arms if a not in ARMS] + [s for s in args.stages if s not in stages]
+    if bad:
+        parser.error(f"unknown arm(s) or stage(s) {bad}: arms {list(ARMS)}, stages {stages}")
+    results, work = Path(args.results), Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = json.loads(results.read_text()) if results.exists() else {"stages": {}}
+
+    def write() -> None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text((json.dumps(data, indent=2) + "\n").replace(f'"{ROOT}/', '"'))
+
+    todo = [(arm, stage) for arm in args.arms for stage in stages if stage in args.stages]  # teachers first
+    if not args.score_only:
+        for arm, stage in todo:
+            name = f"{arm}_{stage}"
+            record = data["stages"].get(name)
+            if record and Path(ROOT / record["points"][-1]["path"]).exists():
+                continue  # trained by an earlier run
+            teacher = data["stages"].get(f"{arm}_edm") if stage != "edm" else None
+            if stage != "edm" and teacher is None:
+                parser.error(f"{name} needs its teacher: add edm to --stages (or train {arm}_edm first)")
+            phema = work / name / "post_hoc_ema"
+            if phema.exists():  # an interrupted earlier attempt: its snapshots belong to no recorded run
+                for old in phema.glob("phema-*.pt"):
+                    old.unlink()
+            started = time.time()
+            points = train(name, args, work, teacher and str(ROOT / teacher["points"][-1]["path"]), stage_of(arm, stage),
+                           callbacks=(PostHocEMA(folder=str(phema)),))
+            offset = teacher["points"][-1] if teacher else {"train_s": 0.0, "train_cpu_s": 0.0}
+            for p in points:
+                p["total_s"] = round(p["train_s"] + offset.get("total_s", offset["train_s"]), 1)
+                p["total_cpu_s"] = round(p["train_cpu_s"] + offset.get("total_cpu_s", offset["train_cpu_s"]), 1)
+            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": teacher and f"{arm}_edm",
+                                    "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
+                                    "phema_folder": str(phema), "num_samples": args.num_samples,
+                                    "stage_wall_s": round(time.time() - started)}
+            write()
+    scorer = TwoSpaces(args.data_dir, torch.device("cpu"))
+    for arm, stage in todo:
+        if f"{arm}_{stage}" in data["stages"]:
+            score_stage(f"{arm}_{stage}", data["stages"][f"{arm}_{stage}"], stage, scorer, args, write)
+    print(f"written to {results}")
+
+
+if __name__ == "__main__":
+    main()
