@@ -170,6 +170,23 @@ class ImageDataModule(LightningDataModule):
         self.predict_num_samples = predict_num_samples
         self.seed = seed
 
+    def pixel_statistics(self, max_images: int = 10000) -> dict[str, float]:
+        """Mean, standard deviation and root mean square of the training images' pixels in [-1, 1] (the first
+        ``max_images`` of the training split), the candidates for a model's σ_data: EDM's derivation of c_skip,
+        c_out and c_in takes σ_data as the data's spread around 0, so for data whose mean is far from 0 (MNIST:
+        −0.74) the RMS, not the standard deviation, is the scale the network sees. Calls ``setup("fit")``."""
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.setup("fit")
+        count = total = squares = 0.0
+        for i in range(min(max_images, len(self.train_set))):
+            x = self.train_set[i]
+            x = (x[0] if isinstance(x, (tuple, list)) else x).double()
+            count, total, squares = count + x.numel(), total + x.sum().item(), squares + x.square().sum().item()
+        mean, mean_square = total / count, squares / count
+        return {"mean": mean, "std": max(mean_square - mean ** 2, 0.0) ** 0.5, "rms": mean_square ** 0.5,
+                "images": int(min(max_images, len(self.train_set)))}
+
     def split(self, dataset: Dataset) -> tuple[Dataset, Dataset]:
         """Hold out ``val_fraction`` of ``dataset``, the same images on every run and rank."""
         n_val = max(1, round(len(dataset) * self.val_fraction))

@@ -34,6 +34,18 @@ def test_mnist_pads_to_32_and_scales(fake_mnist):
     assert len(dm.test_set) == 30
 
 
+def test_pixel_statistics_are_those_of_the_training_images(fake_mnist):
+    dm = MNISTDataModule(str(fake_mnist), batch_size=8)
+    stats = dm.pixel_statistics(max_images=50)
+    x = torch.stack([dm.train_set[i] for i in range(50)]).double()
+    assert stats["images"] == 50
+    assert stats["mean"] == pytest.approx(x.mean().item()) and stats["std"] == pytest.approx(x.std(unbiased=False).item())
+    assert stats["rms"] == pytest.approx(x.square().mean().sqrt().item())
+    assert stats["rms"] ** 2 == pytest.approx(stats["std"] ** 2 + stats["mean"] ** 2)
+    with pytest.raises(ValueError, match="max_images must be >= 1, got 0"):
+        dm.pixel_statistics(0)
+
+
 def test_validation_split_is_the_same_every_time(fake_mnist):
     a, b = MNISTDataModule(str(fake_mnist)), MNISTDataModule(str(fake_mnist))
     a.setup("fit"), b.setup("fit")
