@@ -7,7 +7,8 @@ scored in two feature spaces.
 
 An *arm* is a set of arguments given to the teacher and to its students alike (the network must match): the
 noise embedding (DESIGN §2.7), σ_data, …; ``fourier16`` is today's presets unchanged. Per arm, ``edm`` trains the
-``mnist_edm`` teacher, ``cd`` distils it (``mnist_cd``) and ``ect`` tunes it (``mnist_ect``), each at its preset's
+``mnist_edm`` teacher, ``cd`` distils it (``mnist_cd``) and ``ect`` tunes it (``mnist_ect``), ``ict`` trains the
+quick-start from scratch (the comparison a teacher path must beat), each at its preset's
 length with the ``PostHocEMA`` callback on, as a user's ``fit`` would. A stage already trained in an earlier run
 (its record and checkpoint exist) is not trained again, so arms and stages can be added run after run; training
 times are recorded per stage (a student's total includes its teacher's).
@@ -17,7 +18,10 @@ classifier's (``mnist``) and the independent ``benchmarks/feature_net.py`` netwo
 images against the 10,000 MNIST test images. The teacher: Heun 10 (19 evaluations) with its preset's weights; then
 the post-hoc EMA sweep (Heun 5, ``--sweep-samples`` images per σ_rel, classifier features) and the best σ_rel at
 Heun 10 with ``--num-samples``. Students: one step and their two-step default (CD: on its trained grid; ECT:
-[80, 0.8]). Results: ``results/ablation_mnist.json``, written after every stage and every score.
+[80, 0.8]), the two-step level found by ternary search (on the trained grid for CD, on the 40-level Karras grid
+otherwise; ``--sweep-samples`` per candidate, classifier features) scored with ``--num-samples``, and the post-hoc
+EMA sweep for one and two steps with each best σ_rel scored likewise. Results: ``results/ablation_mnist.json``,
+written after every stage and every score.
 """
 
 import argparse
@@ -34,6 +38,7 @@ from callbacks import PostHocEMA
 from callbacks.fid import Scores
 from cm_lightning.io.post_hoc_ema import reconstruct
 from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
+from cm_lightning.sampling.schedule_search import search_schedule
 
 RESULTS = ROOT / "benchmarks" / "results" / "ablation_mnist.json"
 ARMS = {
@@ -48,6 +53,7 @@ STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint,
     "edm": ("mnist_edm.yaml", (HEUN10,), None),
     "cd": ("mnist_cd.yaml", (ONE_STEP, "default2"), "--model.teacher"),
     "ect": ("mnist_ect.yaml", (ONE_STEP, "default2"), "--model.init_from"),
+    "ict": ("mnist_quickstart.yaml", (ONE_STEP, "default2"), None),  # the quick-start, from scratch: no teacher
 }
 # student variants: the base stage with its own arguments (the suspects that concern one method)
 VARIANTS = {
@@ -65,7 +71,7 @@ def base_of(stage: str) -> tuple[str, tuple]:
 def stage_of(arm: str, stage: str) -> Stage:
     base, extra = base_of(stage)
     preset, samplers, teacher_arg = STAGE_PRESETS[base]
-    return Stage(preset, (), final_samplers=samplers, extra=ARMS[arm] + extra, teacher=None if base == "edm" else "edm",
+    return Stage(preset, (), final_samplers=samplers, extra=ARMS[arm] + extra, teacher=teacher_arg and "edm",
                  teacher_arg=teacher_arg or "--model.teacher", label=f"{arm}: {stage}")
 
 
@@ -104,6 +110,11 @@ def key_of(module, sampler) -> str:
     return resolved if isinstance(resolved, str) else "sigmas_" + "_".join(f"{s:.4g}" for s in resolved)
 
 
+# post-hoc EMA per stage: (sampler the σ_rel sweep scores, sampler the best σ_rel is then scored with, record key)
+PHEMA = {"edm": (("heun5", HEUN10, "phema_best"),),
+         "student": ((ONE_STEP, ONE_STEP, "phema_best_1step"), ("default2", "default2", "phema_best_2step"))}
+
+
 def score_stage(name: str, record: dict, stage: str, scorer: TwoSpaces, args, write) -> None:
     """Every score of one trained stage that the record lacks, written as each is finished."""
     point = record["points"][-1]
@@ -118,23 +129,46 @@ def score_stage(name: str, record: dict, stage: str, scorer: TwoSpaces, args, wr
             scores[key] = scorer(module, sampler_of(module, sampler), args.num_samples)
             print(f"{name} {key}: {scores[key]} ({time.time() - started:.0f} s)", flush=True)
             write()
-    if base != "edm" or args.skip_phema:
-        return
+    if base != "edm" and "searched2" not in record:  # the two-step level by ternary search (classifier features)
+        trials = {}
+
+        def trial(schedule: list[float]) -> float:
+            trials["_".join(f"{s:.4g}" for s in schedule)] = fid = scorer(module, schedule, args.sweep_samples, ("mnist",))["mnist"]
+            return fid
+
+        schedule, _, _ = search_schedule(trial, steps=2, grid=module.training_levels())
+        record["searched2"] = {"schedule": schedule, "candidates": trials,
+                               "fid": scorer(module, schedule, args.num_samples)}
+        print(f"{name} searched two-step schedule: {record['searched2']}", flush=True)
+        write()
+    if not args.skip_phema:
+        post_hoc_ema(name, record, module, PHEMA["edm" if base == "edm" else "student"], scorer, args, write)
+
+
+def post_hoc_ema(name: str, record: dict, module, plan: tuple, scorer: TwoSpaces, args, write) -> None:
+    """The σ_rel sweep (classifier features, ``--sweep-samples``) per sampler, then the best σ_rel in both spaces."""
     network = module.network(module.hparams.eval_weights)
-    sweep = record.setdefault("phema_sweep_heun5", {})
+    kept = {k: v.clone() for k, v in network.state_dict().items()}
     folder = ROOT / record["phema_folder"]
-    for result in reconstruct(folder, [s for s in args.sigma_rels if f"{s:g}" not in sweep]):
-        network.load_state_dict(result.state_dict)
-        sweep[f"{result.sigma_rel:g}"] = scorer(module, "heun5", args.sweep_samples, spaces=("mnist",))["mnist"]
-        print(f"{name} post-hoc EMA σ_rel {result.sigma_rel:g}: heun5 FID {sweep[f'{result.sigma_rel:g}']}", flush=True)
-        write()
-    best = min(sweep, key=sweep.get)
-    if record.get("phema_best", {}).get("sigma_rel") != float(best):
-        (result,) = reconstruct(folder, [float(best)])
-        network.load_state_dict(result.state_dict)
-        record["phema_best"] = {"sigma_rel": float(best), HEUN10: scorer(module, HEUN10, args.num_samples)}
-        print(f"{name} best σ_rel {best}: {record['phema_best']}", flush=True)
-        write()
+    for sweep_sampler, final_sampler, best_key in plan:
+        sweep = record.setdefault(f"phema_sweep_{key_of(module, sweep_sampler)}", {})
+        for result in reconstruct(folder, [s for s in args.sigma_rels if f"{s:g}" not in sweep]):
+            network.load_state_dict(result.state_dict)
+            sweep[f"{result.sigma_rel:g}"] = scorer(module, sampler_of(module, sweep_sampler), args.sweep_samples,
+                                                    spaces=("mnist",))["mnist"]
+            print(f"{name} post-hoc EMA σ_rel {result.sigma_rel:g}: {sweep_sampler} FID {sweep[f'{result.sigma_rel:g}']}",
+                  flush=True)
+            write()
+        best = min(sweep, key=sweep.get)
+        if record.get(best_key, {}).get("sigma_rel") != float(best):
+            (result,) = reconstruct(folder, [float(best)])
+            network.load_state_dict(result.state_dict)
+            final = key_of(module, final_sampler)
+            record[best_key] = {"sigma_rel": float(best),
+                                final: scorer(module, sampler_of(module, final_sampler), args.num_samples)}
+            print(f"{name} best σ_rel {best}: {record[best_key]}", flush=True)
+            write()
+    network.load_state_dict(kept)
 
 
 def main() -> None:
@@ -172,8 +206,9 @@ def main() -> None:
             record = data["stages"].get(name)
             if record and Path(ROOT / record["points"][-1]["path"]).exists():
                 continue  # trained by an earlier run
-            teacher = data["stages"].get(f"{arm}_edm") if stage != "edm" else None
-            if stage != "edm" and teacher is None:
+            needs_teacher = STAGE_PRESETS[base_of(stage)[0]][2] is not None
+            teacher = data["stages"].get(f"{arm}_edm") if needs_teacher else None
+            if needs_teacher and teacher is None:
                 parser.error(f"{name} needs its teacher: add edm to --stages (or train {arm}_edm first)")
             phema = work / name / "post_hoc_ema"
             if phema.exists():  # an interrupted earlier attempt: its snapshots belong to no recorded run
@@ -186,7 +221,7 @@ def main() -> None:
             for p in points:
                 p["total_s"] = round(p["train_s"] + offset.get("total_s", offset["train_s"]), 1)
                 p["total_cpu_s"] = round(p["train_cpu_s"] + offset.get("total_cpu_s", offset["train_cpu_s"]), 1)
-            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": teacher and f"{arm}_edm",
+            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": f"{arm}_edm" if teacher else None,
                                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
                                     "phema_folder": str(phema), "num_samples": args.num_samples,
                                     "stage_wall_s": round(time.time() - started)}
