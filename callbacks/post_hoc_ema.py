@@ -28,12 +28,12 @@ class PostHocEMA(Callback):
     ``python -m cm_lightning.io.post_hoc_ema`` or score a list of them with ``PostHocEMASweep``.
     """
 
-    def __init__(self, sigma_rels: list[float] = [0.05, 0.10], every_n_steps: int = 100, max_snapshots: int = 64,
+    def __init__(self, sigma_rels: list[float] = [0.05, 0.10], every_n_steps: int = 100, max_snapshots: int = 32,
                  folder: str | None = None):
         """
         Args:
             sigma_rels: widths of the tracked profiles relative to the run's length (EDM2 Eq. 123), each in (0, 0.2887].
-            every_n_steps: optimizer steps between snapshots (EDM2 saves about 100 per run).
+            every_n_steps: optimizer steps between snapshots.
             max_snapshots: files kept; the interval doubles when there would be more (at least 4).
             folder: where the snapshots go; None: ``<run log folder>/post_hoc_ema``.
         """
@@ -46,7 +46,7 @@ class PostHocEMA(Callback):
         self.folder = Path(folder) if folder else None
         self.interval = every_n_steps
         self.averages: list[dict[str, torch.Tensor]] | None = None  # global rank 0 only
-        self._restored = False
+        self._restored: dict | None = None  # the checkpoint's state, when fit resumes
         self._last_step = 0
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -61,13 +61,15 @@ class PostHocEMA(Callback):
                 "folder": str(self.folder) if self.folder else None, "averages": self.averages}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if [float(s) for s in state_dict["sigma_rels"]] != self.sigma_rels:
-            raise ValueError(f"this run tracked post-hoc EMAs for sigma_rels={state_dict['sigma_rels']}; resume it with "
+        self._restored = state_dict  # applied when a resumed fit starts; test and predict need none of it
+
+    def _resume(self, state: dict) -> None:
+        if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
+            raise ValueError(f"this run tracked post-hoc EMAs for sigma_rels={state['sigma_rels']}; resume it with "
                              f"those, not {self.sigma_rels}")
-        self.interval, self._last_step = state_dict["interval"], state_dict["step"]
-        self.folder = Path(state_dict["folder"]) if state_dict["folder"] else self.folder
-        self.averages = state_dict["averages"]
-        self._restored = True
+        self.interval, self._last_step = state["interval"], state["step"]
+        self.folder = Path(state["folder"]) if state["folder"] else self.folder
+        self.averages = state["averages"]
 
     # -- training ------------------------------------------------------------------------------------------------
 
@@ -76,9 +78,12 @@ class PostHocEMA(Callback):
             self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "post_hoc_ema"
 
     def on_train_start(self, trainer, pl_module) -> None:
+        resumed, state, self._restored = self._restored is not None, self._restored, None
+        if resumed:
+            self._resume(state)
         step = trainer.global_step
         existing = snapshot_steps(self.folder)
-        if not self._restored and existing:  # checked on every rank, so that all of them stop
+        if not resumed and existing:  # checked on every rank, so that all of them stop
             raise FileExistsError(f"{self.folder} holds post-hoc EMA snapshots of another run ({len(existing)} files, "
                                   f"up to step {existing[-1]}): give the callback another folder, or resume that run")
         if not trainer.is_global_zero:

@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader
 
 from callbacks import PostHocEMA, PostHocEMASweep
 from cli import main
-from cm_lightning import DiffusionModule
+from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule,
+                          EasyConsistencyTuningModule)
 from cm_lightning.core.post_hoc_ema import (MAX_SIGMA_REL, gamma_to_sigma_rel, power_beta, profile_inner_product,
                                             sigma_rel_to_gamma, solve_coefficients, update_power_ema)
 from cm_lightning.io import post_hoc_ema as phema
 from datamodules import MNISTDataModule
-from tests.helpers import make_trainer, tiny, tiny_args
+from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args
 
 ROOT = Path(__file__).parents[1]
 
@@ -139,10 +140,26 @@ def test_callback_snapshots_reconstruct_the_tracked_average_and_stay_bounded(tmp
                for k in last["networks"][0] if k.endswith("out.2.weight"))
 
 
+@pytest.mark.parametrize("cls", [ConsistencyTrainingModule, ConsistencyDistillationModule, EasyConsistencyTuningModule])
+def test_every_method_in_mixed_precision_averages_its_online_network_in_float32(cls, tmp_path):
+    extra = {"teacher": str(module_checkpoint(tmp_path / "teacher.ckpt"))} if cls is ConsistencyDistillationModule else {}
+    torch.manual_seed(0)
+    module = tiny(cls, ema_decays=[0.9], **extra)
+    callback = PostHocEMA(every_n_steps=2, folder=str(tmp_path / "ph"))
+    trainer = make_trainer(tmp_path, max_steps=4, precision="bf16-mixed", callbacks=[callback])
+    trainer.fit(module, DataLoader(torch.rand(16, 1, 16, 16) * 2 - 1, batch_size=4))
+    snapshot = phema.read_snapshot(phema.snapshot_path(tmp_path / "ph", 4))["networks"]
+    online = module.online.state_dict()
+    assert all(n.keys() == online.keys() for n in snapshot)
+    assert all(v.dtype == torch.float32 for n in snapshot for v in n.values() if v.is_floating_point())
+    # the two averages weight the steps differently, so they differ once training moved the weights
+    assert any(not torch.equal(snapshot[0][k], snapshot[1][k]) for k in online)
+
+
 def test_bad_settings_are_refused_by_value(tmp_path):
     with pytest.raises(ValueError, match="got 0.5"):
         PostHocEMA(sigma_rels=[0.05, 0.5])
-    with pytest.raises(ValueError, match="got 0 and 64"):
+    with pytest.raises(ValueError, match="got 0 and 32"):
         PostHocEMA(every_n_steps=0)
     folder = tmp_path / "ph"
     _fit(tmp_path, 2, PostHocEMA(every_n_steps=1, folder=str(folder)))
