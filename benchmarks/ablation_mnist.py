@@ -36,7 +36,7 @@ from feature_net import load as load_feature_net
 from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import PostHocEMA
 from callbacks.fid import Scores
-from cm_lightning.io.post_hoc_ema import reconstruct
+from cm_lightning.io.post_hoc_ema import evaluation_checkpoint, reconstruct
 from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
 from cm_lightning.sampling.schedule_search import search_schedule
 
@@ -59,7 +59,27 @@ STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint,
 VARIANTS = {
     "ect_edm_scalings": ("ect", ("--model.train_scalings=edm",)),  # ECT's code: f = D at the start
     "ect_stages8": ("ect", ("--model.num_stages=8",)),  # t − r shrinks to t/256 instead of t/16
+    "cd_phema": ("cd", ()),  # from the teacher averaged with its best σ_rel (post-hoc EMA) …
+    "ect_phema": ("ect", ()),  # … instead of its preset weights
 }
+
+
+def teacher_path(arm: str, stage: str, data: dict, work: Path) -> Path:
+    """The teacher file a student stage starts from: the teacher's final checkpoint, or for ``*_phema`` stages
+    that checkpoint with the teacher's best σ_rel reconstructed in its evaluation weights (written once)."""
+    teacher = data["stages"][f"{arm}_edm"]
+    final = ROOT / teacher["points"][-1]["path"]
+    if not stage.endswith("_phema"):
+        return final
+    if "phema_best" not in teacher:
+        raise SystemExit(f"{stage} starts from {arm}_edm's best post-hoc EMA: score {arm}_edm first (without --skip-phema)")
+    sigma_rel = teacher["phema_best"]["sigma_rel"]
+    path = work / f"{arm}_edm" / f"phema_{sigma_rel:.3f}.ckpt"
+    if not path.exists():
+        (result,) = reconstruct(ROOT / teacher["phema_folder"], [sigma_rel])
+        checkpoint = evaluation_checkpoint(torch.load(final, map_location="cpu", weights_only=True), result)
+        torch.save(checkpoint, path)
+    return path
 SIGMA_RELS = (0.05, 0.1, 0.15, 0.2)
 
 
@@ -215,13 +235,13 @@ def main() -> None:
                 for old in phema.glob("phema-*.pt"):
                     old.unlink()
             started = time.time()
-            points = train(name, args, work, teacher and str(ROOT / teacher["points"][-1]["path"]), stage_of(arm, stage),
-                           callbacks=(PostHocEMA(folder=str(phema)),))
+            source = teacher and str(teacher_path(arm, stage, data, work))
+            points = train(name, args, work, source, stage_of(arm, stage), callbacks=(PostHocEMA(folder=str(phema)),))
             offset = teacher["points"][-1] if teacher else {"train_s": 0.0, "train_cpu_s": 0.0}
             for p in points:
                 p["total_s"] = round(p["train_s"] + offset.get("total_s", offset["train_s"]), 1)
                 p["total_cpu_s"] = round(p["train_cpu_s"] + offset.get("total_cpu_s", offset["train_cpu_s"]), 1)
-            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": f"{arm}_edm" if teacher else None,
+            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": f"{arm}_edm" if teacher else None, "teacher_file": source,
                                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
                                     "phema_folder": str(phema), "num_samples": args.num_samples,
                                     "stage_wall_s": round(time.time() - started)}
