@@ -36,6 +36,7 @@ from feature_net import load as load_feature_net
 from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import PostHocEMA
 from callbacks.fid import Scores
+from cm_lightning.io.files import atomic_write
 from cm_lightning.io.post_hoc_ema import evaluation_checkpoint, reconstruct
 from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
 from cm_lightning.sampling.schedule_search import search_schedule
@@ -215,9 +216,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = json.loads(results.read_text()) if results.exists() else {"stages": {}}
 
-    def write() -> None:
+    def write() -> None:  # atomically: a run stopped at any moment leaves the last complete results
         results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text((json.dumps(data, indent=2) + "\n").replace(f'"{ROOT}/', '"'))
+        text = (json.dumps(data, indent=2) + "\n").replace(f'"{ROOT}/', '"')
+        atomic_write(results, lambda tmp: tmp.write_text(text))
 
     todo = [(arm, stage) for arm in args.arms for stage in stages if stage in args.stages]  # teachers first
     if not args.score_only:
