@@ -79,7 +79,7 @@ def teacher_path(arm: str, stage: str, data: dict, work: Path) -> Path:
     if not path.exists():
         (result,) = reconstruct(ROOT / teacher["phema_folder"], [sigma_rel])
         checkpoint = evaluation_checkpoint(torch.load(final, map_location="cpu", weights_only=True), result)
-        torch.save(checkpoint, path)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     return path
 SIGMA_RELS = (0.05, 0.1, 0.15, 0.2)
 

@@ -42,7 +42,7 @@ class PostHocEMA(Callback):
             raise ValueError(f"sigma_rels must be distinct and non-empty, got {sigma_rels}")
         if every_n_steps < 1 or max_snapshots < 4:
             raise ValueError(f"every_n_steps must be >= 1 and max_snapshots >= 4, got {every_n_steps} and {max_snapshots}")
-        self.sigma_rels, self.every_n_steps, self.max_snapshots = [float(s) for s in sigma_rels], every_n_steps, max_snapshots
+        self.sigma_rels, self.max_snapshots = [float(s) for s in sigma_rels], max_snapshots
         self.folder = Path(folder) if folder else None
         self.interval = every_n_steps
         self.averages: list[dict[str, torch.Tensor]] | None = None  # global rank 0 only
@@ -57,7 +57,7 @@ class PostHocEMA(Callback):
         return CALLBACK_STATE
 
     def state_dict(self) -> dict:
-        return {"sigma_rels": self.sigma_rels, "interval": self.interval, "step": self._last_step,
+        return {"sigma_rels": self.sigma_rels, "interval": self.interval,
                 "folder": str(self.folder) if self.folder else None, "averages": self.averages}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -67,7 +67,7 @@ class PostHocEMA(Callback):
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
             raise ValueError(f"this run tracked post-hoc EMAs for sigma_rels={state['sigma_rels']}; resume it with "
                              f"those, not {self.sigma_rels}")
-        self.interval, self._last_step = state["interval"], state["step"]
+        self.interval = state["interval"]
         self.folder = Path(state["folder"]) if state["folder"] else self.folder
         self.averages = state["averages"]
 
@@ -81,14 +81,13 @@ class PostHocEMA(Callback):
         resumed, state, self._restored = self._restored is not None, self._restored, None
         if resumed:
             self._resume(state)
-        step = trainer.global_step
+        step = self._last_step = trainer.global_step
         existing = snapshot_steps(self.folder)
         if not resumed and existing:  # checked on every rank, so that all of them stop
             raise FileExistsError(f"{self.folder} holds post-hoc EMA snapshots of another run ({len(existing)} files, "
                                   f"up to step {existing[-1]}): give the callback another folder, or resume that run")
         if not trainer.is_global_zero:
             self.averages = None  # only rank 0 averages and writes: the weights are the same on every rank
-            self._last_step = step
             return
         for stale in (s for s in existing if s > step):  # written after the checkpoint we resume from
             snapshot_path(self.folder, stale).unlink()
@@ -98,7 +97,6 @@ class PostHocEMA(Callback):
                                "they had today's weights. Track from the start of a run for exact profiles.")
             self.averages = [self._online_state(pl_module) for _ in self.gammas]
         self.averages = [{k: v.to(pl_module.device) for k, v in a.items()} for a in self.averages]
-        self._last_step = step
 
     @staticmethod
     def _online_state(pl_module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from cm_lightning.io.files import atomic_write
 
 SNAPSHOT = re.compile(r"phema-(\d+)\.pt")
 FORMAT = 1
-# the name Lightning keeps the callback's state under in a checkpoint's "callbacks" (its class name)
+# the name Lightning keeps the callback's state under in a checkpoint's "callbacks" (its ``state_key``)
 CALLBACK_STATE = "PostHocEMA"
 
 
@@ -96,10 +96,8 @@ def _weighted(folder: str | Path, steps: list[int], coefficients: list[float]) -
 
 def snapshot_folder(checkpoint: dict) -> Path | None:
     """The snapshot folder the ``PostHocEMA`` callback of the checkpoint's run wrote to, if it had one."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.split("{")[0] == CALLBACK_STATE and state.get("folder"):
-            return Path(state["folder"])
-    return None
+    folder = checkpoint.get("callbacks", {}).get(CALLBACK_STATE, {}).get("folder")
+    return Path(folder) if folder else None
 
 
 def evaluation_checkpoint(checkpoint: dict, result: Reconstruction, weights: str | None = None) -> dict:
