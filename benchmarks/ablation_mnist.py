@@ -25,6 +25,7 @@ written after every stage and every score.
 """
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -82,6 +83,18 @@ def teacher_path(arm: str, stage: str, data: dict, work: Path) -> Path:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     return path
 SIGMA_RELS = (0.05, 0.1, 0.15, 0.2)
+SCORE_KEYS = ("fid", "searched2")  # with the ``phema_*`` keys: what a stage's scores are
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint's ``state_dict`` (names and bytes): training here is deterministic (same seed, same
+    commands), so a stage retrained in a fresh work folder that reproduces this digest keeps its earlier scores."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def base_of(stage: str) -> tuple[str, tuple]:
@@ -243,10 +256,15 @@ def main() -> None:
             for p in points:
                 p["total_s"] = round(p["train_s"] + offset.get("total_s", offset["train_s"]), 1)
                 p["total_cpu_s"] = round(p["train_cpu_s"] + offset.get("total_cpu_s", offset["train_cpu_s"]), 1)
+            digest = weights_digest(ROOT / points[-1]["path"])
+            kept = {k: v for k, v in (record or {}).items() if k in SCORE_KEYS or k.startswith("phema_")
+                    and k != "phema_folder"} if record and record.get("weights_sha256") == digest else {}
+            if kept:
+                print(f"{name}: the same weights as the recorded run ({digest[:12]}), its scores are kept", flush=True)
             data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": f"{arm}_edm" if teacher else None, "teacher_file": source,
                                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
                                     "phema_folder": str(phema), "num_samples": args.num_samples,
-                                    "stage_wall_s": round(time.time() - started)}
+                                    "stage_wall_s": round(time.time() - started), "weights_sha256": digest, **kept}
             write()
     scorer = TwoSpaces(args.data_dir, torch.device("cpu"))
     for arm, stage in todo:
