@@ -7,13 +7,15 @@ and any image DataModule.
         --edit.images docs/edit_inputs/mnist --writer.output_dir edits
 """
 
+import os
 import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, instantiate_class
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
 from cm_lightning.methods.base import GenerativeModule
@@ -105,6 +107,29 @@ class ConsistencyCLI(LightningCLI):
             raise
         for key, value in chosen.items():
             self.config[subcommand].model.init_args[key] = value
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, once ``--model.sigma_data data`` is the number it stands for."""
+        self._sigma_data_from_data()
+        super().instantiate_classes()
+
+    def _sigma_data_from_data(self) -> None:
+        """``--model.sigma_data data``: σ_data is the RMS of the run's training pixels
+        (``ImageDataModule.pixel_statistics``: EDM's scalings take σ_data as the data's spread around 0), computed
+        once here from the run's DataModule and written into the config as a number, so the saved ``config.yaml``,
+        the hyper-parameters and every checkpoint hold it. With ``--ckpt_path`` the file's number is used
+        (Lightning has read the model's arguments from it by now)."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        init_args = (cfg.get("model") or {}).get("init_args") or {}
+        if init_args.get("sigma_data") != "data":
+            return
+        dm = instantiate_class((), cfg.data.as_dict())
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # (a DDP run's other ranks start once it is on disk)
+            dm.prepare_data()
+        stats = dm.pixel_statistics()
+        init_args.sigma_data = round(stats["rms"], 4)
+        rank_zero_info(f"sigma_data from the data: {init_args.sigma_data} (RMS of {stats['images']} training images' "
+                       f"pixels; their mean {stats['mean']:.4f}, standard deviation {stats['std']:.4f})")
 
     def _use_latest_run(self, subcommand: str, cfg, logger) -> None:
         """``--ckpt_path last``: the newest run's ``last.ckpt``; ``fit`` goes on logging into that run's folder.

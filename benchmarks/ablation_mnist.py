@@ -47,9 +47,9 @@ ARMS = {
     "fourier16": (),  # today's presets: random Fourier features of c_noise at scale 16
     "fourier0.02": ("--model.net.init_args.fourier_scale=0.02",),  # iCT §3.1's scale
     "positional_edm": ("--model.net.init_args.embedding_type=positional_edm",),  # EDM DDPM++: sinusoids of c_noise
-    # MNISTDataModule.pixel_statistics() of the 32×32 training images in [-1, 1]: mean −0.80, std 0.55 (next to
-    # the presets' 0.5), RMS 0.97, the spread around 0 that EDM's scalings assume
-    "sigma_data0.97": ("--model.sigma_data=0.97",),
+    # σ_data from the data: the RMS of the 32×32 training pixels in [-1, 1] (0.97; mean −0.80, std 0.55 next to
+    # the presets' 0.5), the spread around 0 that EDM's scalings assume
+    "sigma_data_rms": ("--model.sigma_data=data",),
 }
 STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint, argument naming the teacher)
     "edm": ("mnist_edm.yaml", (HEUN10,), None),
@@ -205,6 +205,38 @@ def post_hoc_ema(name: str, record: dict, module, plan: tuple, scorer: TwoSpaces
     network.load_state_dict(kept)
 
 
+def rows_of(record: dict) -> list[tuple[str, dict]]:
+    """(what was sampled, {space: FID}) for every score of a stage."""
+    rows = [(key.replace("sigmas_", "σ ").replace("_", ", "), fid) for key, fid in record.get("fid", {}).items()]
+    if "searched2" in record:
+        rows.append((f"σ {', '.join(f'{s:.4g}' for s in record['searched2']['schedule'])} (searched)",
+                     record["searched2"]["fid"]))
+    for key in ("phema_best", "phema_best_1step", "phema_best_2step"):
+        if key in record:
+            best = dict(record[key])
+            sigma_rel = best.pop("sigma_rel")
+            ((sampler, fid),) = best.items()
+            rows.append((f"{sampler.replace('sigmas_', 'σ ').replace('_', ', ')}, post-hoc EMA σ_rel {sigma_rel:g}", fid))
+    return rows
+
+
+def table(data: dict) -> str:
+    """The README's table: every score with its training minutes and its ratio to its own teacher's best Heun."""
+    lines = ["| arm | stage | sampler (weights) | FID `mnist` | FID `net_b` | ÷ teacher's best (`mnist` / `net_b`) | "
+             "training min (CPU min), teacher included |", "|---|---|---|---|---|---|---|"]
+    stages = data["stages"]
+    for name, record in stages.items():
+        teacher = stages.get(record["teacher"] or "", record if record["stage"] == "edm" else None)
+        best = {space: min(fid[space] for _, fid in rows_of(teacher)) for space in ("mnist", "net_b")} if teacher else None
+        point = record["points"][-1]
+        minutes = f"{point['total_s'] / 60:.1f} ({point['total_cpu_s'] / 60:.1f})"
+        for sampler, fid in rows_of(record):
+            ratio = f"{fid['mnist'] / best['mnist']:.2f} / {fid['net_b'] / best['net_b']:.2f}" if best else "–"
+            lines.append(f"| {record['arm']} | {record['stage']} | {sampler} | {fid['mnist']:.1f} | {fid['net_b']:.2f} | "
+                         f"{ratio} | {minutes} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["fourier16"], metavar="ARM", help=f"of {list(ARMS)}")
@@ -219,7 +251,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "ablation_mnist"))
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--score-only", action="store_true", help="train nothing; score what the results file lists")
+    parser.add_argument("--table", action="store_true", help="print the results file's table (markdown) and stop")
     args = parser.parse_args()
+    if args.table:
+        return print(table(json.loads(Path(args.results).read_text())))
     args.points = 1
     stages = list(STAGE_PRESETS) + list(VARIANTS)
     bad = [a for a in args.arms if a not in ARMS] + [s for s in args.stages if s not in stages]

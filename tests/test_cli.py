@@ -164,3 +164,19 @@ def test_help_stands_on_its_own_and_names_the_data_options():
     assert "--model.recipe" in help_of("fit", "--model.help", "ConsistencyTrainingModule")
     data = help_of("fit", "--data.help", "MNISTDataModule")
     assert "--data.data_dir DATA_DIR" in data and "--data.batch_size BATCH_SIZE" in data
+
+
+def test_sigma_data_from_the_data_is_computed_once_and_saved_as_a_number(fake_mnist, tmp_path):
+    from datamodules import MNISTDataModule
+
+    expected = round(MNISTDataModule(str(fake_mnist)).pixel_statistics()["rms"], 4)
+    assert expected != 0.5
+    main(fit_args(fake_mnist, tmp_path / "runs", "--model.sigma_data=data", "--trainer.max_steps=2"))
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["sigma_data"] == expected
+    assert f"sigma_data: {expected}" in (run / "config.yaml").read_text()
+    module = ConsistencyTrainingModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.online.sigma_data == expected  # the scalings use it
+    with pytest.raises(ValueError, match=r"sigma_data='data' is resolved by the cm-lightning CLI .*pixel_statistics"):
+        ConsistencyTrainingModule(sigma_data="data")

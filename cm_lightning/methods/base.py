@@ -41,7 +41,7 @@ class GenerativeModule(Sampling, LightningModule):
         net: nn.Module | None = None,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
+        sigma_data: float | Literal["data"] = 0.5,
         rho: float = 7.0,
         ema_decays: list[float] = [0.9999],
         ema_warmup: bool = False,
@@ -60,7 +60,8 @@ class GenerativeModule(Sampling, LightningModule):
                 (linked from the data by the CLI) and attributes (``nets.contract``); default ``cm_lightning.UNet``.
             sigma_min: smallest noise level σ_min (consistency models: f(x, σ_min) = x).
             sigma_max: largest noise level σ_max, where sampling starts.
-            sigma_data: standard deviation of the data (images in [-1, 1]).
+            sigma_data: σ_data, the data's spread around 0 (images in [-1, 1]) that EDM's scalings assume; the CLI
+                takes "data" as the RMS of the training images' pixels, computed once and saved as a number.
             rho: Karras discretisation exponent ρ.
             ema_decays: decays β of the evaluation EMAs of the online weights (CM paper 0.9999, iCT 0.99993).
             ema_warmup: cap β at (1 + n) / (10 + n) after n updates, for short runs.
@@ -82,6 +83,9 @@ class GenerativeModule(Sampling, LightningModule):
         with warnings.catch_warnings():  # a net object is replaced by its config below; the CLI gives a config
             warnings.filterwarnings("ignore", message=".*'net' is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if sigma_data == "data":
+            raise ValueError("sigma_data='data' is resolved by the cm-lightning CLI from the DataModule before the model "
+                             "is built; in Python pass the number, e.g. datamodule.pixel_statistics()['rms']")
         validate_sigma_range(sigma_min, sigma_max, sigma_data, rho)
         validate_decays(ema_decays)
         if on_nonfinite not in ("stop", "skip"):
