@@ -8,7 +8,8 @@ scored in two feature spaces.
 An *arm* is a set of arguments given to the teacher and to its students alike (the network must match): the
 noise embedding (DESIGN §2.7), σ_data, …; ``fourier16`` is today's presets unchanged. Per arm, ``edm`` trains the
 ``mnist_edm`` teacher, ``cd`` distils it (``mnist_cd``) and ``ect`` tunes it (``mnist_ect``), ``ict`` trains the
-quick-start from scratch (the comparison a teacher path must beat), each at its preset's
+quick-start from scratch (the comparison a teacher path must beat), ``sct`` and ``scd`` the continuous-time
+students (``mnist_sct`` from the teacher's weights, ``mnist_scd`` from its velocity), each at its preset's
 length with the ``PostHocEMA`` callback on, as a user's ``fit`` would. A stage already trained in an earlier run
 (its record and checkpoint exist) is not trained again, so arms and stages can be added run after run; training
 times are recorded per stage (a student's total includes its teacher's).
@@ -56,6 +57,8 @@ STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint,
     "cd": ("mnist_cd.yaml", (ONE_STEP, "default2"), "--model.teacher"),
     "ect": ("mnist_ect.yaml", (ONE_STEP, "default2"), "--model.init_from"),
     "ict": ("mnist_quickstart.yaml", (ONE_STEP, "default2"), None),  # the quick-start, from scratch: no teacher
+    "sct": ("mnist_sct.yaml", (ONE_STEP, "default2"), "--model.init_from"),  # continuous time, from the weights
+    "scd": ("mnist_scd.yaml", (ONE_STEP, "default2"), "--model.teacher"),  # continuous time, from the velocity
 }
 # student variants: the base stage with its own arguments (the suspects that concern one method)
 VARIANTS = {
@@ -227,7 +230,8 @@ def table(data: dict) -> str:
     stages = data["stages"]
     for name, record in stages.items():
         teacher = stages.get(record["teacher"] or "", record if record["stage"] == "edm" else None)
-        best = {space: min(fid[space] for _, fid in rows_of(teacher)) for space in ("mnist", "net_b")} if teacher else None
+        scored = rows_of(teacher) if teacher else []
+        best = {space: min(fid[space] for _, fid in scored) for space in ("mnist", "net_b")} if scored else None
         point = record["points"][-1]
         minutes = f"{point['total_s'] / 60:.1f} ({point['total_cpu_s'] / 60:.1f})"
         for sampler, fid in rows_of(record):

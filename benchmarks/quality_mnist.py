@@ -66,6 +66,10 @@ STAGES = {
     "cd": Stage("mnist_cd.yaml", (ONE_STEP, TWO_STEPS), teacher="edm", label="CD from the teacher"),
     "ect": Stage("mnist_ect.yaml", (ONE_STEP, TWO_STEPS), teacher="edm", teacher_arg="--model.init_from",
                  label="ECT from the teacher"),
+    # the continuous-time methods (sCT from the teacher's weights, sCD from the teacher), second level σ_d tan 1.1
+    "sct": Stage("mnist_sct.yaml", (ONE_STEP, (80.0, 0.9824)), teacher="edm", teacher_arg="--model.init_from",
+                 label="sCT from the teacher's weights"),
+    "scd": Stage("mnist_scd.yaml", (ONE_STEP, (80.0, 0.9824)), teacher="edm", label="sCD from the teacher"),
     # the ~15-minute path: half the teacher, then a short tuning
     "edm_short": Stage("mnist_edm.yaml", (), final_samplers=(HEUN10,), max_steps=1500, label="EDM teacher, 1,500 steps"),
     "ect_short": Stage("mnist_ect.yaml", (ONE_STEP, TWO_STEPS), teacher="edm_short", teacher_arg="--model.init_from",

@@ -14,6 +14,7 @@ from cm_lightning.methods.consistency import ConsistencyModule
 from cm_lightning.methods.consistency_training import ConsistencyTrainingModule
 from cm_lightning.methods.diffusion import DiffusionModule
 from cm_lightning.methods.distillation import ConsistencyDistillationModule
+from cm_lightning.methods.continuous_time import ContinuousConsistencyModule
 from cm_lightning.methods.easy_tuning import EasyConsistencyTuningModule
 from cm_lightning.nets.preconditioning import ConsistencyFunction, EDMDenoiser
 from cm_lightning.nets.unet import UNet
@@ -21,7 +22,7 @@ from cm_lightning.sampling.sampling_module import SamplingModule
 from cm_lightning.sampling.samplers import ConsistencySampler, ODESampler, multistep_sample, parse_sampler
 
 __all__ = [
-    "ConsistencyDistillationModule", "ConsistencyFunction", "ConsistencyModule", "ConsistencySampler",
+    "ConsistencyDistillationModule", "ConsistencyFunction", "ContinuousConsistencyModule", "ConsistencyModule", "ConsistencySampler",
     "ConsistencyTrainingModule", "CosineDecay", "DiffusionModule", "EDMDenoiser", "EasyConsistencyTuningModule",
     "GenerativeModule", "ODESampler", "SamplingModule", "UNet", "indexed_noise", "latest_checkpoint",
     "multistep_sample", "parse_sampler",

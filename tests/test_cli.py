@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import build_cli, main
-from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule, EasyConsistencyTuningModule,
+from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, ContinuousConsistencyModule, DiffusionModule, EasyConsistencyTuningModule,
                           SamplingModule)
 from cm_lightning.core.recipes import ict_num_scales
 from tests.helpers import MAX_STEPS, fit_args, tiny_args
@@ -59,7 +59,8 @@ def test_config_typo_is_reported(fake_mnist, tmp_path, capsys):
 def test_presets_parse_and_build(config, fake_mnist):
     """Every preset parses and builds its model and DataModule: catches drift between the YAML and the code."""
     cli = build_cli(["--config", str(config), f"--data.data_dir={fake_mnist}", "--trainer.logger=false"], run=False)
-    expected = {"edm": DiffusionModule, "cd": ConsistencyDistillationModule, "ect": EasyConsistencyTuningModule}.get(config.stem.split("_")[-1], ConsistencyTrainingModule)
+    expected = {"edm": DiffusionModule, "cd": ConsistencyDistillationModule, "ect": EasyConsistencyTuningModule,
+                "sct": ContinuousConsistencyModule, "scd": ContinuousConsistencyModule}.get(config.stem.split("_")[-1], ConsistencyTrainingModule)
     assert type(cli.model) is expected and isinstance(cli.model, SamplingModule)  # the callbacks' contract
     assert cli.model.image_shape == (cli.datamodule.channels, cli.datamodule.image_size, cli.datamodule.image_size)
 

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import FID
-from cm_lightning import ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule, EasyConsistencyTuningModule
+from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, ContinuousConsistencyModule, DiffusionModule,
+                          EasyConsistencyTuningModule)
 from cm_lightning.core.recipes import ct_num_scales, ct_target_ema
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, module_checkpoint, tiny, tiny_args, tiny_net
@@ -93,10 +94,16 @@ class RecordingTuning(Records, EasyConsistencyTuningModule):
     pass
 
 
+class RecordingContinuous(Records, ContinuousConsistencyModule):
+    pass
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", [RecordingDiffusion, RecordingDistillation, RecordingTuning], ids=["edm", "cd", "ect"])
+@pytest.mark.parametrize("cls", [RecordingDiffusion, RecordingDistillation, RecordingTuning, RecordingContinuous],
+                         ids=["edm", "cd", "ect", "scd"])
 def test_ddp_spawn_diffusion_distillation_and_tuning_ranks_share_weights_but_not_noise(cls, tmp_path):
-    extra = {RecordingDistillation: "teacher", RecordingTuning: "init_from"}.get(cls)
+    """sCD: the JVP runs on the network inside DDP's wrapper, the gradient forward through it, so ranks stay equal."""
+    extra = {RecordingDistillation: "teacher", RecordingTuning: "init_from", RecordingContinuous: "teacher"}.get(cls)
     extra = {extra: str(module_checkpoint(tmp_path / "teacher.ckpt"))} if extra else {}
     torch.manual_seed(0)
     m = tiny(cls, dropout=0.1, ema_decays=[0.9], **extra)

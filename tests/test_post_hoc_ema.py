@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from callbacks import PostHocEMA, PostHocEMASweep
 from cli import main
-from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, DiffusionModule,
+from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, ContinuousConsistencyModule, DiffusionModule,
                           EasyConsistencyTuningModule)
 from cm_lightning.core.post_hoc_ema import (MAX_SIGMA_REL, gamma_to_sigma_rel, power_beta, profile_inner_product,
                                             sigma_rel_to_gamma, solve_coefficients, update_power_ema)
@@ -140,9 +140,11 @@ def test_callback_snapshots_reconstruct_the_tracked_average_and_stay_bounded(tmp
                for k in last["networks"][0] if k.endswith("out.2.weight"))
 
 
-@pytest.mark.parametrize("cls", [ConsistencyTrainingModule, ConsistencyDistillationModule, EasyConsistencyTuningModule])
+@pytest.mark.parametrize("cls", [ConsistencyTrainingModule, ConsistencyDistillationModule, EasyConsistencyTuningModule,
+                                 ContinuousConsistencyModule])
 def test_every_method_in_mixed_precision_averages_its_online_network_in_float32(cls, tmp_path):
-    extra = {"teacher": str(module_checkpoint(tmp_path / "teacher.ckpt"))} if cls is ConsistencyDistillationModule else {}
+    distils = cls in (ConsistencyDistillationModule, ContinuousConsistencyModule)
+    extra = {"teacher": str(module_checkpoint(tmp_path / "teacher.ckpt"))} if distils else {}
     torch.manual_seed(0)
     module = tiny(cls, ema_decays=[0.9], **extra)
     callback = PostHocEMA(every_n_steps=2, folder=str(tmp_path / "ph"))

@@ -39,7 +39,7 @@ def sha256(path: Path) -> str:
 def test_the_teacher_chain_works_after_the_quick_start_in_the_same_folder(fake_mnist, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    for config in ("mnist_quickstart", "mnist_edm", "mnist_cd", "mnist_ect"):
+    for config in ("mnist_quickstart", "mnist_edm", "mnist_cd", "mnist_ect", "mnist_sct", "mnist_scd"):
         main([*readme_fit(config), f"--data.data_dir={fake_mnist}", *QUICK])
     quick = torch.load("runs/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert quick["hyper_parameters"]["_class_path"].endswith("ConsistencyTrainingModule")
@@ -47,6 +47,8 @@ def test_the_teacher_chain_works_after_the_quick_start_in_the_same_folder(fake_m
     student = torch.load(next(Path("runs/mnist_cd").rglob("last.ckpt")), weights_only=True)
     tuned = torch.load(next(Path("runs/mnist_ect").rglob("last.ckpt")), weights_only=True)
     assert student["teacher_sha256"] == sha256(teacher) == tuned["init_from_sha256"]
+    sct, scd = (torch.load(next(Path(f"runs/mnist_{m}").rglob("last.ckpt")), weights_only=True) for m in ("sct", "scd"))
+    assert sct["init_from_sha256"] == scd["teacher_sha256"] == sha256(teacher)
 
 
 @pytest.mark.slow

@@ -47,8 +47,10 @@ def c_in(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tensor:
 
 
 def c_noise(sigma: Tensor) -> Tensor:
-    """c_noise(σ) = ¼ ln σ: the noise conditioning fed to the embedding (EDM Table 1)."""
-    return 0.25 * sigma.log()
+    """c_noise(σ) = ¼ ln σ: the noise conditioning fed to the embedding (EDM Table 1), with σ floored at 1e-6 so that
+    the boundary σ = 0 of a parametrisation with σ_min = 0 (EDM's, TrigFlow's t = 0) gives F finite inputs and
+    f(x, 0) = x exactly; no level a model trains or samples at is below the floor."""
+    return 0.25 * sigma.clamp_min(1e-6).log()
 
 
 def validate_sigma_range(sigma_min: float, sigma_max: float, sigma_data: float, rho: float) -> None:

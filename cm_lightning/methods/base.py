@@ -208,8 +208,12 @@ class GenerativeModule(Sampling, LightningModule):
         """The module needs its non-finite guard to be correct, so it brings it itself."""
         return [NonFiniteGuard()]
 
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: the online network F_θ (a method with parameters of its own adds them)."""
+        return list(self.online.parameters())
+
     def configure_optimizers(self):
-        params = self.online.parameters()
+        params = self.trained_parameters()
         optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-4)
         if self.lr_scheduler_factory is None:
             return optimizer

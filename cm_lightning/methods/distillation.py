@@ -1,8 +1,7 @@
 """ConsistencyDistillationModule: consistency distillation (CD) from a trained EDM teacher, thin.
 
-The objective is ``core.objectives.ConsistencyDistillation``; the teacher D_φ is read from a DiffusionModule
-checkpoint (``io.teacher_file.read_diffusion_checkpoint``: weights only, hashed), frozen, kept out of the
-module's state (checkpoints name it by path and hash), and moved to the student's device when used.
+The objective is ``core.objectives.ConsistencyDistillation``; the teacher D_φ (a DiffusionModule checkpoint,
+frozen, named by path and hash) is ``methods.teacher.FrozenTeacher``'s.
 Everything else (network, EMAs, sampling, checkpoints) comes from ``GenerativeModule``.
 """
 
@@ -10,18 +9,16 @@ import copy
 import math
 from typing import Literal
 
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from cm_lightning.core.compile import compile_networks
 from cm_lightning.core.losses import METRICS
 from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.objectives import ConsistencyDistillation
 from cm_lightning.methods.consistency import ConsistencyModule
-from cm_lightning.nets.preconditioning import EDMDenoiser
+from cm_lightning.methods.teacher import FrozenTeacher
 
 
-class ConsistencyDistillationModule(ConsistencyModule):
+class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
     """Consistency distillation of f_θ from a frozen diffusion teacher D_φ (CM paper, Algorithm 2)."""
 
     def __init__(
@@ -71,8 +68,6 @@ class ConsistencyDistillationModule(ConsistencyModule):
         self.objective = ConsistencyDistillation(METRICS[loss], num_scales, h.sigma_min, h.sigma_max, h.rho, solver == "heun")
         if mu > 0:  # μ = 0: the target is sg(θ), the online network itself
             self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self._teacher: EDMDenoiser | None = None  # not a submodule: never in the state dict, the optimizer or DDP
-        self._teacher_sha256: str | None = None
 
     @classmethod
     def structure_of(cls, hparams: dict) -> dict:
@@ -97,59 +92,6 @@ class ConsistencyDistillationModule(ConsistencyModule):
         levels = self.training_levels()
         second = min(levels[1:-1], key=lambda s: abs(math.log(s / 0.8)))
         return [[levels[0]], [levels[0], second]]
-
-    # -- the teacher --------------------------------------------------------------------------
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            self.load_teacher()
-        elif stage in ("validate", "test") and self._teacher is None:
-            try:
-                self.load_teacher()
-            except FileNotFoundError as err:
-                rank_zero_warn(f"{err}. The {stage} loss needs the teacher and is not logged; FID is unaffected.")
-
-    def load_teacher(self) -> None:
-        """Read the teacher file, refuse another network than the student's, freeze it."""
-        if self.hparams.teacher is None:
-            raise ValueError("consistency distillation needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
-        found = self.read_diffusion_file(self.hparams.teacher, self.hparams.teacher_weights, "teacher")
-        teacher = EDMDenoiser(copy.deepcopy(self.online.net), found.hparams.get("sigma_data", 0.5))
-        teacher.net.load_state_dict(found.net_state)
-        if self.hparams.compile:
-            compile_networks([teacher])
-        object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # bypass nn.Module registration
-        self._teacher_sha256 = found.sha256
-
-    def starting_state(self) -> dict[str, Tensor] | None:
-        """The student starts from the teacher's weights (or from ``init_from`` when given)."""
-        state = super().starting_state()
-        return self._teacher.net.state_dict() if state is None else state
-
-    def teacher(self) -> EDMDenoiser:
-        """The frozen teacher D_φ, on the student's device."""
-        if self._teacher is None:
-            raise RuntimeError("the teacher is not loaded: it is read when fit, validate or test starts (load_teacher())")
-        if next(self._teacher.parameters()).device != self.device:
-            self._teacher.to(self.device)
-        return self._teacher
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["teacher_sha256"] = self._teacher_sha256
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved, now = checkpoint.get("teacher_sha256"), self._teacher_sha256
-        if saved is None or now is None or saved == now:
-            return
-        message = (f"the teacher file {self.hparams.teacher!r} is not the one this run was distilled from "
-                   f"(sha256 {saved[:12]}… in the checkpoint, {now[:12]}… on disk)")
-        if self.fitting() and not self.hparams.allow_teacher_change:
-            raise ValueError(f"{message}: restore that file, or resume from the new one on purpose with "
-                             "--model.allow_teacher_change true")
-        rank_zero_warn(message)
 
     # -- training and validation ----------------------------------------------------------------
 

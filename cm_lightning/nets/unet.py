@@ -60,6 +60,17 @@ class PositionalEmbedding(nn.Module):
             return torch.cat([x.cos(), x.sin()], dim=1)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v over the last two dimensions: PyTorch's fused kernel, or where that kernel has no
+    forward-mode rule (the sCM tangent's ``torch.func.jvp``: SDPA's CPU and flash kernels have none in torch 2.14)
+    the same product written out, whose operations all have one."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v)
+    except NotImplementedError:
+        weights = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+        return weights @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over pixels, 64 channels per head as in NCSN++."""
 
@@ -73,7 +84,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return self.proj(out)
 
 
