@@ -35,3 +35,9 @@ def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
     """
     digest = hashlib.blake2b(repr((seed, step, batch_idx, rank)).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")  # 32 bits: all a CPU generator keeps of its seed
+
+
+def forked_rng(device: torch.device):
+    """A block after which torch's RNG (CPU, and ``device``'s if it is another) is where it was: two passes run from
+    the same state draw the same noise and dropout masks."""
+    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from cm_lightning.core import losses
 from cm_lightning.core.karras import karras_sigmas
+from cm_lightning.core.noise import forked_rng
 from cm_lightning.core.ode import ode_step
 from cm_lightning.core.recipes import Recipe
 
@@ -26,8 +27,7 @@ def consistency_distance(
 
     The target forward replays the student's RNG state, so with dropout both see the same mask.
     """
-    device = x_student.device
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+    with forked_rng(x_student.device):
         out = student(x_student, sigma_student)
     with torch.no_grad():  # the RNG is back where the student's forward found it
         ref = target(x_target, sigma_target)

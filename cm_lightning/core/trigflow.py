@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cm_lightning.core.karras import c_noise
+from cm_lightning.core.noise import forked_rng
 
 # F(x_t, t) as a function of the point and the angle (batch of t, shape [B]); the object the JVP differentiates
 TrigFlowF = Callable[[Tensor, Tensor], Tensor]
@@ -93,11 +94,6 @@ def normalise_tangent(g: Tensor, c: float) -> Tensor:
     """g / (‖g‖₂ + c), the per-sample L2 norm over all pixels (paper Algorithm 1, c = 0.1). FastGen's default divides
     by the per-sample RMS ‖g‖/√D instead, which makes c √D times smaller relative to the tangent."""
     return g / (g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.dim() - 1)) + c)
-
-
-def forked_rng(device: torch.device):
-    """A block after which torch's RNG is where it was, so two passes draw the same dropout masks."""
-    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
 
 
 def tangent_jvp(F: TrigFlowF, x_t: Tensor, t: Tensor, dx: Tensor, dt: Tensor, mode: str = "exact",

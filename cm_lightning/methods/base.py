@@ -23,7 +23,7 @@ from cm_lightning.core.compile import compile_networks
 from cm_lightning.core.ema import ema_decay, update_averages, validate_decays, weights_keys
 from cm_lightning.core.karras import validate_sigma_range
 from cm_lightning.core.lr_schedules import CosineDecay
-from cm_lightning.core.noise import step_seed
+from cm_lightning.core.noise import forked_rng, step_seed
 from cm_lightning.core.nonfinite import NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
 from cm_lightning.io.module_paths import imported_class, with_canonical_net
@@ -226,7 +226,7 @@ class GenerativeModule(Sampling, LightningModule):
         """The method's losses under the step's own seed (``core.noise.step_seed``); a non-finite loss stops
         the run or skips the step on every rank alike (``core.nonfinite``)."""
         x = images_of(batch)
-        with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
+        with forked_rng(x.device):
             torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
             loss = self.losses(x).mean()
         if not finite_on_all_ranks(loss, self.trainer):
