@@ -298,8 +298,10 @@ def main() -> None:
             digest = weights_digest(ROOT / points[-1]["path"])
             kept = {k: v for k, v in (record or {}).items() if k in SCORE_KEYS or k.startswith("phema_")
                     and k != "phema_folder"} if record and record.get("weights_sha256") == digest else {}
-            if kept:
-                print(f"{name}: the same weights as the recorded run ({digest[:12]}), its scores are kept", flush=True)
+            if kept:  # the recorded times too: a retrain is measured beside other work more often than not
+                print(f"{name}: the same weights as the recorded run ({digest[:12]}), its scores and times are kept",
+                      flush=True)
+                points, started = record["points"], time.time() - record["stage_wall_s"]
             data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": f"{arm}_edm" if teacher else None, "teacher_file": source,
                                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
                                     "phema_folder": str(phema), "num_samples": args.num_samples,

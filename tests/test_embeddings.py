@@ -29,7 +29,10 @@ def test_the_0_2_embeddings_compute_what_they_computed(kind):
     net = seeded_unet(embedding_type=kind)
     with torch.no_grad():
         out = net(torch.randn(3, 1, 16, 16), torch.tensor([-1.5, 0.0, 1.1]))
-    assert torch.equal(out, torch.load(FIXTURES / "embeddings.pt", weights_only=True)[kind])
+    # bit for bit on the CPU that wrote the file; another CPU's kernels (AVX2 / AVX-512, Intel / AMD) sum in
+    # another order, a few float32 ulps apart (2.4e-6 measured on outputs of size ~2). A changed embedding moves
+    # the output by orders of magnitude more.
+    assert (out - torch.load(FIXTURES / "embeddings.pt", weights_only=True)[kind]).abs().max() <= 1e-5
 
 
 def sinusoids(c: torch.Tensor, freqs: list[float]) -> torch.Tensor:
