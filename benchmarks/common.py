@@ -116,7 +116,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+    isa = torch.backends.cpu.get_cpu_capability()  # the kernels torch picked: same model name, other sums (AVX2/512)
+    return f"{cpu} ({isa}), {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
 
 
 def median(values: list[float]) -> float:
