@@ -244,6 +244,25 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def save_grids(data: dict, folder: Path) -> None:
+    """64 samples (seed 0) of every stage whose checkpoint is here: the teacher's Heun 10, a student's one step and
+    its best two-step schedule, as ``ablation_mnist_<arm>_<stage>_<sampler>.png``."""
+    from torchvision.utils import save_image
+    for name, record in data["stages"].items():
+        path = ROOT / record["points"][-1]["path"]
+        if not path.exists():
+            continue
+        base = base_of(record["stage"])[0]
+        module = module_class(Stage(STAGE_PRESETS[base][0], ())).load_from_checkpoint(path, map_location="cpu",
+                                                                                      weights_only=True).eval()
+        two = record.get("searched2", {}).get("schedule") or sampler_of(module, "default2") if base != "edm" else None
+        for tag, sampler in ({"heun10": HEUN10} if base == "edm" else {"1step": [80.0], "2step": two}).items():
+            with torch.no_grad():
+                x = module.sample(64, sampler_of(module, sampler), seed=0)
+            save_image(x, folder / f"ablation_mnist_{name}_{tag}.png", nrow=8, normalize=True, value_range=(-1, 1))
+            print(f"{name} {tag}: {folder / f'ablation_mnist_{name}_{tag}.png'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["fourier16"], metavar="ARM", help=f"of {list(ARMS)}")
@@ -259,9 +278,12 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--score-only", action="store_true", help="train nothing; score what the results file lists")
     parser.add_argument("--table", action="store_true", help="print the results file's table (markdown) and stop")
+    parser.add_argument("--grids", action="store_true", help="write every trained stage's sample grids and stop")
     args = parser.parse_args()
     if args.table:
         return print(table(json.loads(Path(args.results).read_text())))
+    if args.grids:
+        return save_grids(json.loads(Path(args.results).read_text()), Path(args.results).parent)
     args.points = 1
     stages = list(STAGE_PRESETS) + list(VARIANTS)
     bad = [a for a in args.arms if a not in ARMS] + [s for s in args.stages if s not in stages]
