@@ -255,8 +255,9 @@ def save_grids(data: dict, folder: Path) -> None:
         base = base_of(record["stage"])[0]
         module = module_class(Stage(STAGE_PRESETS[base][0], ())).load_from_checkpoint(path, map_location="cpu",
                                                                                       weights_only=True).eval()
-        two = record.get("searched2", {}).get("schedule") or sampler_of(module, "default2") if base != "edm" else None
-        for tag, sampler in ({"heun10": HEUN10} if base == "edm" else {"1step": [80.0], "2step": two}).items():
+        samplers = {"heun10": HEUN10} if base == "edm" else {
+            "1step": ONE_STEP, "2step": record.get("searched2", {}).get("schedule") or "default2"}
+        for tag, sampler in samplers.items():
             with torch.no_grad():
                 x = module.sample(64, sampler_of(module, sampler), seed=0)
             save_image(x, folder / f"ablation_mnist_{name}_{tag}.png", nrow=8, normalize=True, value_range=(-1, 1))
@@ -316,10 +317,6 @@ def main() -> None:
             started = time.time()
             source = teacher and str(teacher_path(arm, stage, data, work))
             points = train(name, args, work, source, stage_of(arm, stage), callbacks=(PostHocEMA(folder=str(phema)),))
-            offset = teacher["points"][-1] if teacher else {"train_s": 0.0, "train_cpu_s": 0.0}
-            for p in points:
-                p["total_s"] = round(p["train_s"] + offset.get("total_s", offset["train_s"]), 1)
-                p["total_cpu_s"] = round(p["train_cpu_s"] + offset.get("total_cpu_s", offset["train_cpu_s"]), 1)
             digest = weights_digest(ROOT / points[-1]["path"])
             kept = {k: v for k, v in (record or {}).items() if k in SCORE_KEYS or k.startswith("phema_")
                     and k != "phema_folder"} if record and record.get("weights_sha256") == digest else {}
