@@ -9,6 +9,7 @@ and any image DataModule.
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -218,8 +219,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ConsistencyCLI
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``cm-lightning`` and ``python cli.py``."""
-    build_cli(args)
+    """Entry point of ``cm-lightning`` and ``python cli.py``. A ``fit`` stopped by SIGTERM has saved ``last.ckpt``
+    and exits with status 143, as the signal's default action would, so that a supervisor restarts it."""
+    cli = build_cli(args)
+    if any(isinstance(c, GracefulInterrupt) and c.terminated for c in getattr(cli.trainer, "callbacks", ())):
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

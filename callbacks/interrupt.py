@@ -1,10 +1,13 @@
 """Ctrl-C during ``fit`` finishes the step, saves ``last.ckpt`` and stops; a second Ctrl-C aborts at once.
-SLURM's requeue signal (SIGUSR1) does the same, then requeues the job."""
+SIGTERM (a preemption: Kubernetes, Docker, systemd, spot instances) does the same, then exits with status 143;
+SLURM's requeue signal (SIGUSR1) does the same, then requeues the job. SIGTERM during ``test``, ``validate`` and
+``predict`` stops at once (status 143): they have nothing to save, and their files are written atomically."""
 
 import os
 import signal
 import subprocess
 import threading
+from functools import partial
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback
@@ -23,27 +26,47 @@ class GracefulInterrupt(Callback):
     ``--checkpoint``) writes ``last.ckpt`` at the end of that step, after the EMA update and inside the
     epoch, as a periodic checkpoint would be. ``--ckpt_path last`` resumes it exactly.
 
+    SIGTERM stops the same way, and ``terminated`` tells the CLI to exit with status 143 (128 + SIGTERM, what
+    the signal's default action reports) rather than 0, so a supervisor that restarts failed jobs restarts this
+    one, with ``--ckpt_path last``. Lightning's own SIGTERM handler ends ``fit`` at the next step without saving.
+    A fit's in-run validation (its FID samples) runs to its end before the step's checkpoint is written: a
+    grace period shorter than that loses the step, as it would lose any unsaved work.
+
     SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) stops the same way and then, under SLURM, requeues the job
     (``scontrol requeue``, from global rank zero). This replaces Lightning's SLURM handler, which saves
     ``hpc_ckpt_N.ckpt`` wherever in the step the signal lands, into the working directory, where
     ``--ckpt_path last`` does not look: a requeued run went back to the last periodic checkpoint.
+
+    Outside ``fit``, SIGTERM raises :class:`Terminated` where the program is (after the running tensor
+    operation): Lightning's handler would only mark it, and ``test`` then generated its 10,000 FID samples to
+    the end. Every file the project writes goes through ``atomic_write``, so none is left half-written.
     """
 
     def __init__(self):
         self._interrupted = False
         self._requeue = False
+        self._terminated = False
+        self.terminated = False  # after fit: every rank agreed to stop because of a SIGTERM
         self._previous = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._interrupted = self._requeue = False
+        self._interrupted = self._requeue = self._terminated = self.terminated = False
         checkpoint = trainer.checkpoint_callback
         if not (isinstance(checkpoint, FinalCheckpoint) and checkpoint.save_last):
             rank_zero_warn("GracefulInterrupt: without FinalCheckpoint(save_last=True) Ctrl-C stops without saving")
+        self._install((signal.SIGINT, signal.SIGTERM, *_requeue_signal(trainer)), self._handle)
+
+    def _install(self, signals: tuple, handler) -> None:
+        self._restore()
         if threading.current_thread() is threading.main_thread():
-            signals = (signal.SIGINT, *_requeue_signal(trainer))
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+            self._previous = {sig: signal.signal(sig, handler) for sig in signals}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            if not self._terminated:
+                rank_zero_info("\nSIGTERM: finishing this step, saving last.ckpt, then exiting with status 143")
+            self._interrupted = self._terminated = True
+            return
         if signum != signal.SIGINT:  # SLURM's warning before the time limit
             self._interrupted = self._requeue = True
             then = " and requeueing the job" if "SLURM_JOB_ID" in os.environ else ""
@@ -60,6 +83,8 @@ class GracefulInterrupt(Callback):
             return  # stopping here would drop the micro-batches taken
         if trainer.strategy.reduce_boolean_decision(self._interrupted, all=False):
             trainer.should_stop = True  # FinalCheckpoint, the last callback, saves this step
+            # (a second collective only when stopping: every rank exits with the same status)
+            self.terminated = trainer.strategy.reduce_boolean_decision(self._terminated, all=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
@@ -70,6 +95,19 @@ class GracefulInterrupt(Callback):
         if requeue and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
             _requeue_slurm_job()
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit":  # a fit's validation keeps the fit's handlers: the step is saved after it
+            self._install((signal.SIGTERM,), partial(_terminate, trainer))
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._install((signal.SIGTERM,), partial(_terminate, trainer))
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._install((signal.SIGTERM,), partial(_terminate, trainer))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
 
@@ -77,6 +115,22 @@ class GracefulInterrupt(Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class Terminated(SystemExit):
+    """SIGTERM during ``test``, ``validate`` or ``predict``: the command stops with status 143."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _terminate(trainer, signum, frame) -> None:
+    """Stop a ``test``/``validate``/``predict`` now; the processes a launcher started get the signal too (as
+    Lightning's handler forwards it), so no rank waits in a collective for one that has gone."""
+    rank_zero_info("\nSIGTERM: stopping now (nothing to save outside fit)")
+    if trainer.strategy.launcher is not None:
+        trainer.strategy.launcher.kill(signum)
+    raise Terminated
 
 
 def _inside_accumulation(trainer, batch_idx: int) -> bool:

@@ -146,8 +146,13 @@ def test_requeue_signal_follows_lightnings_slurm_settings(environment, expected,
     assert _requeue_signal(trainer) == expected
 
 
+STOPPED = {signal.SIGINT: ("Ctrl-C", 0), signal.SIGUSR1: ("SIGUSR1", 0),
+           signal.SIGTERM: ("SIGTERM", 128 + signal.SIGTERM)}  # (what the run says, its exit status)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "slurm-requeue"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGTERM],
+                         ids=["ctrl-c", "slurm-requeue", "sigterm-preemption"])
 def test_stop_signal_saves_last_checkpoint_and_the_run_resumes_exactly(fake_mnist, tmp_path, signum):
     env = slurm_env(tmp_path) if signum == signal.SIGUSR1 else None
     args = [sys.executable, "cli.py", *resume_args(fake_mnist, tmp_path, 400, "--checkpoint.every_n_train_steps=1000",
@@ -160,8 +165,10 @@ def test_stop_signal_saves_last_checkpoint_and_the_run_resumes_exactly(fake_mnis
     time.sleep(2)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]  # a clean stop, before the first periodic checkpoint
-    assert ("Ctrl-C" if signum == signal.SIGINT else "SIGUSR1") + ": finishing this step" in out
+    said, status = STOPPED[signum]
+    # a clean stop, before the first periodic checkpoint; a preempted job's status asks its supervisor for a restart
+    assert proc.returncode == status, out[-3000:]
+    assert said + ": finishing this step" in out
     if signum == signal.SIGUSR1:
         assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
         assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))  # not Lightning's mid-step save, which "last" ignores
@@ -198,8 +205,29 @@ def test_ctrl_c_inside_gradient_accumulation_stops_after_the_optimizer_step(fake
     assert max_weight_difference(straight_run(fake_mnist, tmp_path / "straight", 2 * K, *accumulate), last) == 0.0
 
 
+def wait_for(condition, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.1)
+    assert condition(), f"not within {seconds} s"
+
+
+def stop_with_sigterm(proc: subprocess.Popen) -> float:
+    """Sends SIGTERM; the seconds until the process has exited."""
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # still going: stop it, fail the test
+        proc.kill()
+        proc.communicate()
+        return float("inf")
+    return time.time() - sent
+
+
 @pytest.mark.slow
-def test_sigkill_during_predict_leaves_only_complete_files(trained_run, fake_mnist, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_signal_during_predict_leaves_only_complete_files(trained_run, fake_mnist, tmp_path, signum):
     from torchvision.io import decode_png, read_file
 
     out = tmp_path / "samples"
@@ -207,11 +235,14 @@ def test_sigkill_during_predict_leaves_only_complete_files(trained_run, fake_mni
             f"--ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "--data.predict_num_samples=100000",
             "--data.batch_size=50", f"--writer.output_dir={out}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while len(list(out.glob("*.png"))) < 200 and time.time() < deadline:
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_for(lambda: len(list(out.glob("*.png"))) >= 200)
+    if signum == signal.SIGKILL:
+        proc.kill()
+        proc.wait()
+    else:
+        assert stop_with_sigterm(proc) < 10  # Lightning's handler alone lets predict run through all 100,000
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert not list(out.glob(".*.tmp"))  # a write the signal stopped removed its temporary file
     pngs = sorted(out.glob("*.png"))
     assert 200 <= len(pngs) < 100000 and not (out / "samples.npz").exists()  # no .npz passed off as complete
     for png in pngs:  # every file under a final name decodes: nothing half-written
@@ -232,3 +263,28 @@ def test_a_resumed_diffusion_run_matches_the_straight_run(fake_mnist, tmp_path):
     straight, resumed = (run_dir(tmp_path / d) / "checkpoints" / "last.ckpt" for d in ("straight", "split"))
     assert torch.load(resumed, weights_only=True)["global_step"] == 2 * K
     assert max_weight_difference(straight, resumed) == 0.0  # online and EMA; dropout masks and noise included
+
+
+class MarkTestEpochEnd(Callback):
+    """Creates ``path`` when the test epoch ends, just before the FID callback starts generating."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        Path(self.path).touch()
+
+
+@pytest.mark.slow
+def test_sigterm_during_test_stops_the_fid_generation_at_once(trained_run, fake_mnist, tmp_path):
+    marker = tmp_path / "generating"
+    args = [sys.executable, "cli.py", "test", *tiny_args(fake_mnist), "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+            "--trainer.callbacks+=tests.test_resume.MarkTestEpochEnd", f"--trainer.callbacks.path={marker}",
+            "--trainer.callbacks+=callbacks.FID", "--trainer.callbacks.feature=mnist",
+            "--trainer.callbacks.test_num_samples=1000000"]  # an hour of generation here
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(marker.exists)
+    time.sleep(1)  # inside the generation
+    assert stop_with_sigterm(proc) < 10
+    assert proc.returncode == 128 + signal.SIGTERM

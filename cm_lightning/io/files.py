@@ -12,16 +12,21 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
     """``write`` a hidden temporary file beside ``path``, then rename it to ``path``.
 
-    A rename within one folder is atomic, so ``path`` only ever holds a complete file. ``durable``
+    A rename within one folder is atomic, so ``path`` only ever holds a complete file, and a write stopped by an
+    exception (a signal's included) removes its temporary file. ``durable``
     also syncs the data to disk before the rename (for checkpoints, which must survive a power loss).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name.lstrip('.')}.tmp")
-    write(tmp)
-    if durable:
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or a signal's exception mid-write: no partial temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def latest_checkpoint(runs: str | Path = "runs/lightning_logs") -> Path | None:
