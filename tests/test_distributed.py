@@ -1,7 +1,11 @@
 """DDP on CPU (gloo, 2 processes): same weights and curriculum on every rank, different noise, rank-free FID."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,44 @@ def test_real_ddp_launch_through_the_cli(fake_mnist, tmp_path):
     assert sorted(p.name for p in (run / "samples").iterdir()) == sorted(
         f"step{s:07d}_sigmas_{n}.png" for s in (2, 4) for n in ("80", "80-0.8")
     )
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_zero_stops_every_rank_after_a_saved_step(fake_mnist, tmp_path):
+    """What Kubernetes or Docker do (SIGTERM to the launching process only): every rank agrees to stop after the
+    same step, ``last.ckpt`` holds it, no rank is left behind, and the job exits 143 to be restarted."""
+    args = [
+        sys.executable, "cli.py", "fit", *tiny_args(fake_mnist), "--trainer.strategy=ddp", "--trainer.devices=2",
+        "--trainer.max_steps=1000", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=5000",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ]
+    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    deadline = time.time() + 240
+    while not (run / "hparams.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+        deadline = time.time() + 20
+        while group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        left = group_alive(proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a rank left behind would hold the test's port and cores
+    assert not left, "a rank was still running after the launcher exited"
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM: finishing this step" in out
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < stopped < 1000
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
