@@ -36,6 +36,7 @@ import torch
 from common import ROOT, machine
 from feature_net import load as load_feature_net
 from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
+from quality_mnist import preset as preset_config
 from callbacks import PostHocEMA
 from callbacks.fid import Scores
 from cm_lightning.io.files import atomic_write
@@ -60,12 +61,14 @@ STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint,
     "sct": ("mnist_sct.yaml", (ONE_STEP, "default2"), "--model.init_from"),  # continuous time, from the weights
     "scd": ("mnist_scd.yaml", (ONE_STEP, "default2"), "--model.teacher"),  # continuous time, from the velocity
 }
-# student variants: the base stage with its own arguments (the suspects that concern one method)
+# student variants: the base stage with its own arguments (the suspects that concern one method), and the
+# preset run ``_x<k>`` times longer (its cosine decay, curriculum and tangent warm-up stretched alike)
 VARIANTS = {
     "ect_edm_scalings": ("ect", ("--model.train_scalings=edm",)),  # ECT's code: f = D at the start
     "ect_stages8": ("ect", ("--model.num_stages=8",)),  # t − r shrinks to t/256 instead of t/16
     "cd_phema": ("cd", ()),  # from the teacher averaged with its best σ_rel (post-hoc EMA) …
     "ect_phema": ("ect", ()),  # … instead of its preset weights
+    **{f"{base}_x{k}": (base, ()) for base in ("sct", "scd", "ect", "cd") for k in (2, 4)},
 }
 
 
@@ -105,11 +108,23 @@ def base_of(stage: str) -> tuple[str, tuple]:
     return VARIANTS.get(stage, (stage, ()))
 
 
+def length_of(stage: str) -> int:
+    """How many times its preset's length a stage trains: ``k`` for ``<base>_x<k>``, else 1."""
+    head, _, tail = stage.rpartition("_x")
+    return int(tail) if head and tail.isdigit() else 1
+
+
 def stage_of(arm: str, stage: str) -> Stage:
     base, extra = base_of(stage)
     preset, samplers, teacher_arg = STAGE_PRESETS[base]
+    k, max_steps = length_of(stage), None
+    if k > 1:  # every step count of the preset stretched: the warm-up stays the same fraction of the run
+        config = preset_config(Stage(preset, ()))
+        max_steps = k * config["trainer"]["max_steps"]
+        warmup = config["model"]["init_args"].get("tangent_warmup_steps")
+        extra = extra + ((f"--model.tangent_warmup_steps={k * warmup}",) if warmup else ())
     return Stage(preset, (), final_samplers=samplers, extra=ARMS[arm] + extra, teacher=teacher_arg and "edm",
-                 teacher_arg=teacher_arg or "--model.teacher", label=f"{arm}: {stage}")
+                 teacher_arg=teacher_arg or "--model.teacher", max_steps=max_steps, label=f"{arm}: {stage}")
 
 
 class TwoSpaces:
@@ -293,6 +308,10 @@ def main() -> None:
     results, work = Path(args.results), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     data = json.loads(results.read_text()) if results.exists() else {"stages": {}}
+    elsewhere = sorted({r["machine"] for r in data["stages"].values()} - {machine()})
+    if elsewhere and not args.score_only:  # the same commands give other weights on another CPU's kernels
+        parser.error(f"{results} holds stages trained on {elsewhere}, this machine is {machine()!r}: a one-run "
+                     "comparison trains on one machine, so pass --results with a new file for this one")
 
     def write() -> None:  # atomically: a run stopped at any moment leaves the last complete results
         results.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -192,6 +193,14 @@ class GenerativeModule(Sampling, LightningModule):
     # -- the Lightning hooks every method shares ----------------------------------------------
 
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):  # before any wrapping
+            raise ValueError(
+                f"--trainer.strategy {type(strategy).__name__} is not supported: the methods keep their evaluation EMAs, "
+                "the target θ⁻ and a frozen teacher as whole copies of the network beside the trained one, which a "
+                "sharded strategy would neither shard nor gather for sampling. What works: DDP (--trainer.strategy ddp, "
+                "any number of GPUs and nodes) with a network that fits one device; --trainer.precision bf16-mixed and "
+                "--trainer.accumulate_grad_batches to fit a larger network or batch in its memory")
         dm = getattr(self.trainer, "datamodule", None)
         for name, mine in (("channels", self.image_shape[0]), ("image_size", self.image_shape[1])):
             if dm is not None and getattr(dm, name, mine) != mine:
