@@ -68,6 +68,9 @@ VARIANTS = {
     "ect_stages8": ("ect", ("--model.num_stages=8",)),  # t − r shrinks to t/256 instead of t/16
     "cd_phema": ("cd", ()),  # from the teacher averaged with its best σ_rel (post-hoc EMA) …
     "ect_phema": ("ect", ()),  # … instead of its preset weights
+    # sCT without the prior weight 1/σ: while the learned w_φ(t) is still near 0 (short runs), 1/σ alone weights
+    # the loss, and under the preset's t law it leaves σ > 1 about 2 % of the gradient
+    "sct_noprior": ("sct", ("--model.prior_weight=false",)),
     **{f"{base}_x{k}": (base, ()) for base in ("sct", "scd", "ect", "cd") for k in (2, 4)},
 }
 
@@ -89,7 +92,7 @@ def teacher_path(arm: str, stage: str, data: dict, work: Path) -> Path:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     return path
 SIGMA_RELS = (0.05, 0.1, 0.15, 0.2)
-SCORE_KEYS = ("fid", "searched2")  # with the ``phema_*`` keys: what a stage's scores are
+SCORE_KEYS = ("fid", "searched2", "one_step_from")  # with the ``phema_*`` keys: what a stage's scores are
 
 
 def weights_digest(path: Path) -> str:
@@ -193,6 +196,13 @@ def score_stage(name: str, record: dict, stage: str, scorer: TwoSpaces, args, wr
                                "fid": scorer(module, schedule, args.num_samples)}
         print(f"{name} searched two-step schedule: {record['searched2']}", flush=True)
         write()
+    if base != "edm" and args.start_levels:  # one step from a lower σ: how well the model learned each level
+        levels = record.setdefault("one_step_from", {})
+        for sigma in args.start_levels:
+            if f"{sigma:g}" not in levels:
+                levels[f"{sigma:g}"] = scorer(module, [sigma], args.sweep_samples, ("mnist",))["mnist"]
+                print(f"{name} one step from σ {sigma:g}: {levels[f'{sigma:g}']}", flush=True)
+                write()
     if not args.skip_phema:
         post_hoc_ema(name, record, module, PHEMA["edm" if base == "edm" else "student"], scorer, args, write)
 
@@ -289,6 +299,8 @@ def main() -> None:
     parser.add_argument("--sweep-samples", type=int, default=2000)
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=list(SIGMA_RELS))
     parser.add_argument("--skip-phema", action="store_true", help="no post-hoc EMA sweep")
+    parser.add_argument("--start-levels", type=float, nargs="*", default=[], metavar="SIGMA",
+                        help="students: also one step from each of these σ (--sweep-samples images, classifier features)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "ablation_mnist"))
     parser.add_argument("--results", default=str(RESULTS))

@@ -48,6 +48,7 @@ def test_trigflow_F_of_an_edm_network_gives_the_sigma_space_denoiser():
         assert torch.equal(m.online(x, torch.zeros(3)), x)  # f(x, 0) = x exactly
     assert torch.allclose(t_of_sigma(sigma_of_t(T, SD), SD), T, atol=1e-6)
     assert t_of_sigma(torch.tensor(80.0), SD).item() == pytest.approx(math.atan(160))
+    assert t_of_sigma(torch.tensor([80, 1]), SD).tolist() == pytest.approx([math.atan(160), math.atan(2)])  # integer σ
 
 
 def test_jvp_matches_a_central_difference_in_float64_with_the_dropout_mask_shared():

@@ -36,6 +36,8 @@ def sigma_of_t(t: Tensor, sigma_data: float) -> Tensor:
 def t_of_sigma(sigma: Tensor, sigma_data: float) -> Tensor:
     """t = arctan(σ / σ_d), computed as atan2 (exact at both ends)."""
     sigma = torch.as_tensor(sigma)
+    if not sigma.is_floating_point():  # (an integer σ would round σ_d in full_like: 0.5 → 0, t → π/2)
+        sigma = sigma.to(torch.get_default_dtype())
     return torch.atan2(sigma, torch.full_like(sigma, sigma_data))
 
 
