@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check: every method's CIFAR-10 preset (iCT, the EDM teacher, CD from it) through the real
+# One short GPU check: every method's CIFAR-10 preset (iCT, the EDM teacher, CD, ECT, sCT, sCD from it) through the real
 # Trainer.fit with method_speed.py, float32 and bf16-mixed eager (about 3 minutes on one H200), then
 # bf16-mixed with torch.compile (up to 4 minutes each: compiling took over 110 s there), then
 # throughput.py's Lightning-against-plain-loop ratio and MFU for iCT in bf16, while time is left. Reports
@@ -30,7 +30,7 @@ run() {  # run <limit s> <method> <precision> [--compile]
   grep -E "^configs/|Error" "/tmp/$name.log"
   save
 }
-for method in ict edm cd ect; do for precision in 32-true bf16-mixed; do run 60 "$method" "$precision"; done; done
+for method in ict edm cd ect sct scd; do for precision in 32-true bf16-mixed; do run 45 "$method" "$precision"; done; done
 for method in ict edm cd ect; do run 240 "$method" bf16-mixed --compile; done  # compiling took over 110 s on the H200
 if (( SECONDS < BUDGET )); then
   timeout -k 5 90 python3 benchmarks/throughput.py --config configs/cifar10_ict.yaml --device cuda --batch-size "$BATCH" \

@@ -1,12 +1,13 @@
-"""Training and sampling speed of any preset's method (CT/iCT, EDM, CD), in a given precision, eager or compiled.
+"""Training and sampling speed of any preset's method (CT/iCT, EDM, CD, ECT, sCT, sCD), in a given precision, eager or
+compiled.
 
     python benchmarks/method_speed.py --config configs/cifar10_edm.yaml --precision bf16-mixed --compile
 
 Runs the real ``Trainer.fit`` of the preset's module (its network, objective, EMAs and target; logger,
 checkpointing and progress bar off) on an in-memory stream of random images and times the steps after
-``--warmup`` (compilation happens there). A CD preset distils from a randomly initialised teacher with the
-network of the matching ``_edm`` preset, written to a temporary checkpoint: speed does not depend on the
-weights. Then times sampling with each of the method's evaluation samplers (images/s, network
+``--warmup`` (compilation happens there). A student preset (CD, sCD: ``--model.teacher``; ECT, sCT:
+``--model.init_from``) starts from a randomly initialised teacher with the network of the matching ``_edm``
+preset, written to a temporary checkpoint: speed does not depend on the weights. Then times sampling with each of the method's evaluation samplers (images/s, network
 evaluations per image), and records the peak accelerator memory. Writes benchmarks/results/<name>.json.
 """
 
@@ -21,9 +22,19 @@ from torch.utils.data import DataLoader
 from common import build_preset_module, fit_speed, load_preset, machine, median, preset_channels, timed, write_result
 
 
+TEACHER_ARGS = {"cd": "teacher", "scd": "teacher", "ect": "init_from", "sct": "init_from"}  # preset suffix → argument
+
+
+def teacher_args(config_path: str, folder: Path) -> dict:
+    """The argument naming a (random) diffusion checkpoint that a student preset starts from, or none."""
+    arg = TEACHER_ARGS.get(Path(config_path).stem.rpartition("_")[2])
+    return {arg: str(teacher_checkpoint(config_path, folder))} if arg else {}
+
+
 def teacher_checkpoint(config_path: str, folder: Path) -> Path:
     """A DiffusionModule checkpoint (random weights) with the network of the ``_edm`` preset beside ``config_path``."""
-    teacher = build_preset_module(load_preset(config_path.replace("_cd.yaml", "_edm.yaml")))
+    stem = Path(config_path).stem
+    teacher = build_preset_module(load_preset(str(Path(config_path).with_name(stem.rpartition("_")[0] + "_edm.yaml"))))
     checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
     teacher.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, folder / "teacher.ckpt")
@@ -67,8 +78,7 @@ def main() -> None:
         parser.error(f"--warmup must lie in [0, --steps), got {args.warmup}")
     config, device = load_preset(args.config), torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
-        extra = {"teacher": str(teacher_checkpoint(args.config, Path(folder)))} if args.config.endswith("_cd.yaml") else {}
-        module = build_preset_module(config, compile=args.compile, **extra)
+        module = build_preset_module(config, compile=args.compile, **teacher_args(args.config, Path(folder)))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
