@@ -184,7 +184,7 @@ def score_stage(name: str, record: dict, stage: str, scorer: TwoSpaces, args, wr
             scores[key] = scorer(module, sampler_of(module, sampler), args.num_samples)
             print(f"{name} {key}: {scores[key]} ({time.time() - started:.0f} s)", flush=True)
             write()
-    if base != "edm" and "searched2" not in record:  # the two-step level by ternary search (classifier features)
+    if base != "edm" and "searched2" not in record and not args.skip_search:  # the two-step level by ternary search
         trials = {}
 
         def trial(schedule: list[float]) -> float:
@@ -299,6 +299,7 @@ def main() -> None:
     parser.add_argument("--sweep-samples", type=int, default=2000)
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=list(SIGMA_RELS))
     parser.add_argument("--skip-phema", action="store_true", help="no post-hoc EMA sweep")
+    parser.add_argument("--skip-search", action="store_true", help="no two-step level search (later: --score-only)")
     parser.add_argument("--start-levels", type=float, nargs="*", default=[], metavar="SIGMA",
                         help="students: also one step from each of these σ (--sweep-samples images, classifier features)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
