@@ -71,6 +71,7 @@ VARIANTS = {
     # sCT without the prior weight 1/σ: while the learned w_φ(t) is still near 0 (short runs), 1/σ alone weights
     # the loss, and under the preset's t law it leaves σ > 1 about 2 % of the gradient
     "sct_noprior": ("sct", ("--model.prior_weight=false",)),
+    "scd_noprior": ("scd", ("--model.prior_weight=false",)),
     **{f"{base}_x{k}": (base, ()) for base in ("sct", "scd", "ect", "cd") for k in (2, 4)},
 }
 
