@@ -55,7 +55,8 @@ RUNS = "runs"
 
 # Settings that say how to use a trained network, not what it is: a value the user gave (on the command line or in
 # a --config file) beats the checkpoint's; where the user gave none, the checkpoint's stands, not the default.
-EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "clip_denoised", "val_num_scales", "val_num_sigmas",
+EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "predict_labels", "guidance_scale", "clip_denoised",
+                   "val_num_scales", "val_num_sigmas",
                    "allow_teacher_change")
 # Given on the command line, these beat the checkpoint's too (a moved teacher file; its hash is still checked).
 PATH_ARGS = ("teacher",)

@@ -37,6 +37,8 @@ class Scores:
     def __init__(self, extractor: nn.Module, num_features: int, kid: bool = True, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, seed: int = 0):
         self.extractor, self.seed, self.kid_subset_size = extractor, seed, kid_subset_size
+        # generated images with the class they were asked for: correct calls and the asked class's probability
+        self.classified = torch.zeros(3, dtype=torch.float64)  # (images, correct, summed probability)
         self.fid = FrechetInceptionDistance(Features(num_features), reset_real_features=False)
         # KID's features are gathered over the ranks here (``compute``), not by torchmetrics' list-state sync
         self.kid = (KernelInceptionDistance(Features(num_features), subsets=kid_subsets, subset_size=kid_subset_size,
@@ -57,14 +59,27 @@ class Scores:
     def fake_count(self) -> int:
         return int(self.fid.fake_features_num_samples)
 
+    @property
+    def classifies(self) -> bool:
+        """Whether the features come from a classifier whose head can call the class (the shipped MNIST one)."""
+        return isinstance(self.extractor, MNISTClassifier)
+
     @torch.no_grad()
-    def update(self, images: Tensor, real: bool) -> None:
+    def update(self, images: Tensor, real: bool, labels: Tensor | None = None) -> None:
+        """Add images in [-1, 1]; generated ones with the ``labels`` they were asked for are also classified
+        (``classifies`` only): class accuracy and the probability the classifier gives the asked class."""
         features = self.extractor(images).float()
         self.fid.update(features, real=real)
         if self.kid is not None:
             self.kid.update(features, real=real)
+        if labels is not None and self.classifies:
+            probs = self.extractor.head(features).float().softmax(1)
+            labels = labels.to(probs.device)
+            self.classified += torch.stack([torch.tensor(float(len(labels))), (probs.argmax(1) == labels).sum().double().cpu(),
+                                            probs.gather(1, labels[:, None]).sum().double().cpu()])
 
     def reset(self) -> None:
+        self.classified.zero_()
         self.fid.reset()
         if self.kid is not None:
             self.kid.reset()
@@ -80,7 +95,19 @@ class Scores:
                          fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)])
                 for _ in range(self.kid.subsets)])
             out |= {"kid": values.mean().float(), "kid_std": values.std(unbiased=False).float()}
+        counts = _summed(self.classified)
+        if counts[0] > 0:
+            out |= {"class_acc": (counts[1] / counts[0]).float(), "class_confidence": (counts[2] / counts[0]).float()}
         return out
+
+
+def _summed(t: Tensor) -> Tensor:
+    """``t`` summed over the ranks under DDP (itself otherwise)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return t
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, t.cpu())
+    return torch.stack(everyone).sum(0)
 
 
 def _gathered(parts: list[Tensor]) -> Tensor:
@@ -107,6 +134,9 @@ class InceptionFeatures(nn.Module):
 class FID(Callback):
     """Logs ``val/fid_<name>`` and ``val/kid_<name>`` (with ``val/kid_<name>_std``) after every validation,
     and ``test/…`` in ``test``, per sampler (``1step``, ``2step`` for σ lists, ``heun18`` for the ODE).
+    A class-conditional model samples class-balanced images (image i of class i mod K); on the shipped MNIST
+    classifier's features it also logs ``val/class_acc_<name>`` (the share of images that classifier calls the
+    class they were asked for) and ``val/class_confidence_<name>`` (the mean probability it gives that class).
 
     Each rank generates its share of ``num_samples`` images, image i from noise seeded by (``seed``, i);
     torchmetrics syncs the feature statistics, so the FID uses ``num_samples`` images in total and does
@@ -220,7 +250,8 @@ class FID(Callback):
             for start in range(first, last, self.batch_size):
                 count = min(self.batch_size, last - start)
                 x = pl_module.sample(count, spec, weights=self.weights, seed=self.seed, first_index=start)
-                metric.update(x, real=False)
+                labels = pl_module.sampling_labels(None, range(start, start + count))  # the balanced i mod K it used
+                metric.update(x, real=False, labels=labels)
                 bar.update(count)
         return metric.compute()
 

@@ -14,7 +14,8 @@ class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, one grid per sampler.
 
     Image i of every grid is drawn from the noise seeded by (``seed``, i), so grids are comparable
-    across steps. Rank zero samples and writes; the other ranks go on (sampling needs no collective).
+    across steps. A class-conditional model's grid has one row per class (⌊num_samples / K⌋ images each, at
+    least one). Rank zero samples and writes; the other ranks go on (sampling needs no collective).
     """
 
     def __init__(
@@ -61,6 +62,16 @@ class SampleGrid(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)
 
+    def _images(self, pl_module, spec):
+        """(images, images per row): a square-ish grid, or for K classes one row per class."""
+        k = pl_module.num_classes
+        if not k:
+            x = pl_module.sample(self.num_samples, spec, weights=self.weights, seed=self.seed)
+            return x, math.ceil(math.sqrt(len(x)))
+        per_class = max(1, self.num_samples // k)
+        x = pl_module.sample(per_class * k, spec, weights=self.weights, seed=self.seed)  # image i: class i mod K
+        return x.unflatten(0, (per_class, k)).transpose(0, 1).flatten(0, 1), per_class
+
     def _write(self, trainer, pl_module) -> None:
         step = trainer.global_step
         if step == self._last_written or not trainer.is_global_zero:
@@ -68,8 +79,7 @@ class SampleGrid(Callback):
         self._last_written = step
         self.folder.mkdir(parents=True, exist_ok=True)
         for spec in self._samplers:
-            x = pl_module.sample(self.num_samples, spec, weights=self.weights, seed=self.seed)
-            grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), normalize=True, value_range=(-1, 1))
+            grid = make_grid(*self._images(pl_module, spec), normalize=True, value_range=(-1, 1))
             name = spec if isinstance(spec, str) else "sigmas_" + "-".join(f"{s:g}" for s in spec)
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -20,7 +20,8 @@ class SampleWriter(BasePredictionWriter):
     """Saves the images of ``predict`` as ``<index>.png`` files and/or ``samples.npz``.
 
     ``samples.npz`` holds one uint8 array ``arr_0`` of shape (N, H, W, C) in index order, the layout
-    the common FID/precision-recall evaluation scripts read. Every rank writes the PNGs of its own
+    the common FID/precision-recall evaluation scripts read; a class-conditional model's also ``arr_1``, the
+    (N,) int64 class of each image (``--model.predict_labels``), as ADM's samplers write it. Every rank writes the PNGs of its own
     indices; for the ``.npz`` each rank leaves its part in the folder and rank zero joins them, so
     under multi-node DDP ``output_dir`` must be on a shared file system. Files appear under their
     final names only when complete (written to a hidden temporary name, then renamed), and the same
@@ -37,7 +38,7 @@ class SampleWriter(BasePredictionWriter):
         if not formats or any(f not in FORMATS for f in formats):
             raise ValueError(f"formats must be a non-empty list drawn from {FORMATS}, got {formats}")
         self.output_dir, self.formats = output_dir, formats
-        self._parts: list[tuple[Tensor, Tensor]] = []
+        self._parts: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._edited = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -62,7 +63,7 @@ class SampleWriter(BasePredictionWriter):
             for index, image in zip(indices.tolist(), images):
                 atomic_write(self.folder / f"{index:06d}.png", lambda tmp: write_png(image, str(tmp)))
         if "npz" in self.formats:
-            self._parts.append((indices, images))
+            self._parts.append((indices, images, pl_module.labels_for_indices(indices)))
 
     def write_edits(self, out: dict) -> None:
         """An edit batch (``--edit.kind``): ``<index>.png`` per result (``interpolate``: the row of one noise
@@ -88,8 +89,11 @@ class SampleWriter(BasePredictionWriter):
         if "npz" not in self.formats:
             return
         rank_file = self.folder / f".part{trainer.global_rank}.pt"
-        indices, images = (torch.cat(t) for t in zip(*self._parts)) if self._parts else (torch.empty(0), None)
-        atomic_write(rank_file, lambda tmp: torch.save({"indices": indices, "images": images}, tmp))
+        indices, images, labels = torch.empty(0), None, None
+        if self._parts:
+            indices, images = torch.cat([p[0] for p in self._parts]), torch.cat([p[1] for p in self._parts])
+            labels = None if self._parts[0][2] is None else torch.cat([p[2] for p in self._parts])
+        atomic_write(rank_file, lambda tmp: torch.save({"indices": indices, "images": images, "labels": labels}, tmp))
         self._parts = []
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -97,7 +101,8 @@ class SampleWriter(BasePredictionWriter):
             parts = [p for p in parts if p["images"] is not None]
             order = torch.cat([p["indices"] for p in parts]).argsort()
             array = torch.cat([p["images"] for p in parts])[order].permute(0, 2, 3, 1).numpy()
-            atomic_write(self.folder / "samples.npz", lambda tmp: save_npz(tmp, array))
+            labels = None if parts[0]["labels"] is None else torch.cat([p["labels"] for p in parts])[order].numpy()
+            atomic_write(self.folder / "samples.npz", lambda tmp: save_npz(tmp, array, labels))
             for r in range(trainer.world_size):
                 (self.folder / f".part{r}.pt").unlink()
         trainer.strategy.barrier()
@@ -113,9 +118,11 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def save_npz(path: Path, array: np.ndarray) -> None:
-    """``np.savez(path, array)`` without the clock: a fixed zip timestamp makes the bytes reproducible."""
+def save_npz(path: Path, array: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """``np.savez(path, array[, labels])`` without the clock: a fixed zip timestamp makes the bytes reproducible."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        with archive.open(zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, array, allow_pickle=False)
+        for name, values in (("arr_0", array), ("arr_1", labels)):
+            if values is not None:
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, values, allow_pickle=False)
 

@@ -55,20 +55,25 @@ def read_or_explain(name: str, folder: Path, read: Callable):
 
 
 class UInt8Images(Dataset):
-    """uint8 images (N, C, H, W) in memory, returned as floats in [-1, 1] after an optional transform."""
+    """uint8 images (N, C, H, W) in memory (or any dataset of them), returned as floats in [-1, 1] after an optional
+    transform; with ``labels`` (N,) as (image, label) pairs, which an unconditional model ignores."""
 
-    def __init__(self, images: Tensor, transform=None):
+    def __init__(self, images: Tensor | Dataset, transform=None, labels: Tensor | None = None):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
         self.images = images
         self.transform = transform
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
         x = self.images[i]
         if self.transform is not None:
             x = self.transform(x)
-        return x.float() / 127.5 - 1
+        x = x.float() / 127.5 - 1
+        return x if self.labels is None else (x, self.labels[i])
 
 
 class EpochSeededSampler(RandomSampler):
@@ -142,6 +147,12 @@ class ImageDataModule(LightningDataModule):
 
     image_size: int
     channels: int
+    classes: list[str] = []  # class names, label i is classes[i]; empty: the data has no labels
+
+    @property
+    def num_classes(self) -> int:
+        """K, the classes the data is labelled with (0: unlabelled); a class-conditional network must have as many."""
+        return len(self.classes)
 
     def __init__(
         self,

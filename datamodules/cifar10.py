@@ -17,6 +17,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     image_size = 32
     channels = 3
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]  # torchvision's order
 
     def __init__(
         self,
@@ -50,18 +51,20 @@ class CIFAR10DataModule(ImageDataModule):
         if self.download:  # one archive holds both splits
             fetch_if_missing("CIFAR-10", self.folder, FILES, lambda: CIFAR10(self.data_dir, train=True, download=True))
 
-    def _images(self, train: bool) -> torch.Tensor:
+    def _images(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (N, 3, 32, 32) uint8, labels (N,))."""
         folder = self.folder
         require_files("CIFAR-10", folder, FILES)
-        data = read_or_explain("CIFAR-10", folder, lambda: CIFAR10(self.data_dir, train=train, download=False).data)
-        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+        data = read_or_explain("CIFAR-10", folder, lambda: CIFAR10(self.data_dir, train=train, download=False))
+        return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(data.targets)
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
-            images = self._images(train=True)
+            images, labels = self._images(train=True)
             train_idx, val_idx = (s.indices for s in self.split(range(len(images))))
             flip = v2.RandomHorizontalFlip() if self.random_flip else None
-            self.train_set = Subset(UInt8Images(images, flip), train_idx)
-            self.val_set = Subset(UInt8Images(images), val_idx)
+            self.train_set = Subset(UInt8Images(images, flip, labels), train_idx)
+            self.val_set = Subset(UInt8Images(images, labels=labels), val_idx)
         if stage == "test":
-            self.test_set = UInt8Images(self._images(train=False))
+            images, labels = self._images(train=False)
+            self.test_set = UInt8Images(images, labels=labels)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -39,8 +40,15 @@ class ImageFiles(Dataset):
             raise ValueError(f"cannot read image {self.files[i]}: {err}") from err
 
 
+def class_folders(root: str | Path, files: list[Path]) -> list[str] | None:
+    """The first-level sub-folder of ``root`` that holds each file (its class, as torchvision's ImageFolder), or
+    None when any image lies in ``root`` itself (unlabelled data)."""
+    parts = [f.relative_to(root).parts for f in files]
+    return None if any(len(p) < 2 for p in parts) else [p[0] for p in parts]
+
+
 class ImageFolderDataModule(ImageDataModule):
-    """Images under ``data_dir`` (class sub-folders are allowed and ignored), scaled to [-1, 1]."""
+    """Images under ``data_dir``, scaled to [-1, 1]; labelled by class sub-folder when every image is in one."""
 
     def __init__(
         self,
@@ -57,7 +65,8 @@ class ImageFolderDataModule(ImageDataModule):
     ):
         """
         Args:
-            data_dir: folder of images, searched recursively.
+            data_dir: folder of images, searched recursively. When every image lies in a sub-folder, each first-level
+                sub-folder is a class (sorted names, label i is ``classes[i]``) and batches carry labels.
             image_size: images are resized (shorter side) and centre-cropped to this square side.
             channels: 1 reads images as greyscale, 3 as RGB.
             batch_size: images per batch on each device (the global batch is this × devices × nodes).
@@ -75,11 +84,28 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         self.image_size, self.channels = image_size, channels
         self.random_flip, self.test_dir = random_flip, test_dir
+        try:
+            found = class_folders(data_dir, list_images(data_dir))
+        except FileNotFoundError:  # refused by name in setup, where the images are read
+            found = None
+        self.classes = sorted(set(found)) if found else []
 
-    def _dataset(self, files: list[Path], flip: bool) -> UInt8Images:
+    def _dataset(self, root: str, files: list[Path], flip: bool) -> UInt8Images:
         steps = [v2.Resize(self.image_size), v2.CenterCrop(self.image_size), v2.PILToTensor()]
         steps += [v2.RandomHorizontalFlip()] if flip else []
-        return UInt8Images(ImageFiles(files, "L" if self.channels == 1 else "RGB", v2.Compose(steps)))
+        images = ImageFiles(files, "L" if self.channels == 1 else "RGB", v2.Compose(steps))
+        return UInt8Images(images, labels=self._labels(root, files))
+
+    def _labels(self, root: str, files: list[Path]) -> Tensor | None:
+        """Each file's class index in ``classes`` (the training folder's), by its sub-folder's name; None unlabelled."""
+        names = class_folders(root, files) if self.classes else None
+        if names is None:
+            return None
+        unknown = sorted(set(names) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{root!r} has class folders {unknown} that the training folder {self.data_dir!r} lacks "
+                             f"(its classes: {self.classes})")
+        return torch.tensor([self.classes.index(n) for n in names])
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
@@ -87,10 +113,10 @@ class ImageFolderDataModule(ImageDataModule):
         files = list_images(self.data_dir)
         train, val = self.split(range(len(files)))
         if stage in ("fit", "validate"):
-            self.train_set = Subset(self._dataset(files, self.random_flip), train.indices)
-            self.val_set = Subset(self._dataset(files, False), val.indices)
+            self.train_set = Subset(self._dataset(self.data_dir, files, self.random_flip), train.indices)
+            self.val_set = Subset(self._dataset(self.data_dir, files, False), val.indices)
         if stage == "test":
             if self.test_dir:
-                self.test_set = self._dataset(list_images(self.test_dir), False)
+                self.test_set = self._dataset(self.test_dir, list_images(self.test_dir), False)
             else:
-                self.test_set = Subset(self._dataset(files, False), val.indices)
+                self.test_set = Subset(self._dataset(self.data_dir, files, False), val.indices)

@@ -15,6 +15,7 @@ class MNISTDataModule(ImageDataModule):
 
     image_size = 32
     channels = 1
+    classes = [str(d) for d in range(10)]
 
     def __init__(
         self,
@@ -48,8 +49,8 @@ class MNISTDataModule(ImageDataModule):
     def _load(self, train: bool) -> UInt8Images:
         folder = self.folder
         require_files("MNIST", folder, FILES)
-        data = read_or_explain("MNIST", folder, lambda: MNIST(self.data_dir, train=train, download=False).data)
-        return UInt8Images(F.pad(data, (2, 2, 2, 2))[:, None])  # (N, 1, 32, 32) uint8
+        dataset = read_or_explain("MNIST", folder, lambda: MNIST(self.data_dir, train=train, download=False))
+        return UInt8Images(F.pad(dataset.data, (2, 2, 2, 2))[:, None], labels=dataset.targets)  # (N, 1, 32, 32) uint8
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):

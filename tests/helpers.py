@@ -17,7 +17,7 @@ MAX_STEPS = 16  # of the CLI runs made by ``fit_args``
 
 
 NET_ARGS = ("image_size", "channels", "model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
-            "embedding_type")
+            "embedding_type", "num_classes")
 
 
 def tiny_net(**kwargs) -> UNet:

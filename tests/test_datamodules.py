@@ -24,20 +24,24 @@ def test_mnist_pads_to_32_and_scales(fake_mnist):
     dm.setup("fit")
     assert (dm.image_size, dm.channels) == (32, 1)
     assert (len(dm.train_set), len(dm.val_set)) == (90, 30)
-    x = first_batch(dm.train_dataloader())
+    x, y = first_batch(dm.train_dataloader())
     assert x.shape == (8, 1, 32, 32) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
     assert torch.all(x[:, :, :2] == -1) and torch.all(x[:, :, :, -2:] == -1)  # zero padding → -1
-    raw = torchvision.datasets.MNIST(str(fake_mnist), train=True).data[dm.val_set.indices[0]]
-    assert torch.equal(dm.val_set[0][0, 2:30, 2:30], raw.float() / 127.5 - 1)
+    assert y.shape == (8,) and y.dtype == torch.long and dm.num_classes == 10 and dm.classes[7] == "7"
+    files = torchvision.datasets.MNIST(str(fake_mnist), train=True)
+    i = dm.val_set.indices[0]
+    image, label = dm.val_set[0]
+    assert torch.equal(image[0, 2:30, 2:30], files.data[i].float() / 127.5 - 1) and label == files.targets[i]
     dm.setup("test")
     assert len(dm.test_set) == 30
+    assert torch.equal(torch.stack([dm.test_set[j][1] for j in range(30)]), torchvision.datasets.MNIST(str(fake_mnist), train=False).targets)
 
 
 def test_pixel_statistics_are_those_of_the_training_images(fake_mnist):
     dm = MNISTDataModule(str(fake_mnist), batch_size=8)
     stats = dm.pixel_statistics(max_images=50)
-    x = torch.stack([dm.train_set[i] for i in range(50)]).double()
+    x = torch.stack([dm.train_set[i][0] for i in range(50)]).double()
     assert stats["images"] == 50
     assert stats["mean"] == pytest.approx(x.mean().item()) and stats["std"] == pytest.approx(x.std(unbiased=False).item())
     assert stats["rms"] == pytest.approx(x.square().mean().sqrt().item())
@@ -96,15 +100,17 @@ def test_cifar10_reads_batches_and_flips(fake_cifar10, skip_cifar_md5):
     dm.setup("fit")
     assert (dm.image_size, dm.channels) == (32, 3)
     assert (len(dm.train_set), len(dm.val_set)) == (90, 10)
-    x = first_batch(dm.train_dataloader())
-    assert x.shape == (10, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    raw = torch.from_numpy(torchvision.datasets.CIFAR10(str(fake_cifar10)).data).permute(0, 3, 1, 2)
+    x, y = first_batch(dm.train_dataloader())
+    assert x.shape == (10, 3, 32, 32) and x.min() >= -1 and x.max() <= 1 and y.shape == (10,)
+    files = torchvision.datasets.CIFAR10(str(fake_cifar10))
+    raw = torch.from_numpy(files.data).permute(0, 3, 1, 2)
     i = dm.train_set.indices[0]
     want = raw[i].float() / 127.5 - 1
-    draws = torch.stack([dm.train_set[0] for _ in range(40)])
+    assert dm.train_set[0][1] == files.targets[i] and dm.classes == files.classes
+    draws = torch.stack([dm.train_set[0][0] for _ in range(40)])
     assert all(torch.equal(d, want) or torch.equal(d, want.flip(-1)) for d in draws)  # the image or its mirror
     assert any(torch.equal(d, want) for d in draws) and any(torch.equal(d, want.flip(-1)) for d in draws)
-    assert torch.equal(dm.val_set[0], raw[dm.val_set.indices[0]].float() / 127.5 - 1)  # no flips in validation
+    assert torch.equal(dm.val_set[0][0], raw[dm.val_set.indices[0]].float() / 127.5 - 1)  # no flips in validation
     dm.setup("test")
     assert len(dm.test_set) == 20
 
@@ -116,8 +122,12 @@ def test_image_folder_class_subfolders_and_resizing(tmp_path, channels):
     dm = ImageFolderDataModule(str(tmp_path), image_size=16, channels=channels, batch_size=4, num_workers=0, val_fraction=0.25)
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set)) == (9, 3)
-    x = first_batch(dm.train_dataloader())
+    x, y = first_batch(dm.train_dataloader())
     assert x.shape == (4, channels, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert dm.classes == ["cats", "dogs"] and dm.num_classes == 2
+    files = sorted((tmp_path / "cats").iterdir()) + sorted((tmp_path / "dogs").iterdir())
+    for j, i in enumerate(dm.train_set.indices):  # each image's label is its folder's
+        assert dm.train_set[j][1] == (files[i].parent.name == "dogs")
 
 
 def test_image_folder_flat_and_test_dir(tmp_path):
@@ -125,7 +135,19 @@ def test_image_folder_flat_and_test_dir(tmp_path):
     write_images(tmp_path / "ref", 4, (32, 32))
     dm = ImageFolderDataModule(str(tmp_path / "train"), image_size=32, num_workers=0, test_dir=str(tmp_path / "ref"))
     dm.setup("test")
-    assert len(dm.test_set) == 4 and dm.test_set[0].shape == (3, 32, 32)
+    assert len(dm.test_set) == 4 and dm.test_set[0].shape == (3, 32, 32)  # a flat folder: images without labels
+    assert dm.num_classes == 0
+
+
+def test_image_folder_test_dir_classes_must_be_the_training_ones(tmp_path):
+    write_images(tmp_path / "train" / "a", 3, (8, 8)), write_images(tmp_path / "train" / "b", 3, (8, 8))
+    write_images(tmp_path / "ref" / "b", 2, (8, 8))
+    dm = ImageFolderDataModule(str(tmp_path / "train"), image_size=8, num_workers=0, test_dir=str(tmp_path / "ref"))
+    dm.setup("test")
+    assert [dm.test_set[i][1].item() for i in range(2)] == [1, 1]  # "b" is class 1 of the training folder
+    write_images(tmp_path / "ref" / "c", 1, (8, 8))
+    with pytest.raises(ValueError, match=r"class folders \['c'\] that the training folder .* lacks"):
+        dm.setup("test")
 
 
 @pytest.mark.parametrize(

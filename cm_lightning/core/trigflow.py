@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cm_lightning.core.conditioning import call_network
 from cm_lightning.core.karras import c_noise
 from cm_lightning.core.noise import forked_rng
 
@@ -50,13 +51,15 @@ def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def trigflow_F(net: nn.Module, x_t: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+def trigflow_F(net: nn.Module, x_t: Tensor, t: Tensor, sigma_data: float, labels: Tensor | None = None,
+               guidance_scale: float = 1.0) -> Tensor:
     """F_θ(x_t, t) = −F_raw(x_t / σ_d, c_noise(σ_d tan t)) for a network of the EDM parametrisation (module
     docstring), in float32 (float64 for float64 inputs and network); the network runs under the ambient autocast,
-    its inputs are computed without it."""
+    its inputs are computed without it. A class-conditional network takes ``labels`` (and guidance, which commutes
+    with the sign: ``core.conditioning``)."""
     with torch.autocast(x_t.device.type, enabled=False):
         net_in, noise = _wide(x_t) / sigma_data, c_noise(sigma_of_t(_wide(t), sigma_data))
-    return -_wide(net(net_in, noise))
+    return -_wide(call_network(net, net_in, noise, labels, guidance_scale))
 
 
 def trajectory(x0: Tensor, z: Tensor, t: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from cm_lightning.core.compile import compile_networks
+from cm_lightning.core.conditioning import validate_label_spec
 from cm_lightning.core.ema import ema_decay, update_averages, validate_decays, weights_keys
 from cm_lightning.core.karras import validate_sigma_range
 from cm_lightning.core.lr_schedules import CosineDecay
@@ -28,7 +29,7 @@ from cm_lightning.core.noise import forked_rng, step_seed
 from cm_lightning.core.nonfinite import NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
 from cm_lightning.io.module_paths import imported_class, with_canonical_net
-from cm_lightning.nets.contract import build_network, network_config, with_net_defaults
+from cm_lightning.nets.contract import build_network, network_config, num_classes_of, with_net_defaults
 from cm_lightning.sampling.sampling_module import Sampling, SamplerSpec
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"  # Lightning's, on its allowlist
@@ -49,6 +50,7 @@ class GenerativeModule(Sampling, LightningModule):
         eval_weights: str = "ema",
         predict_sampler: SamplerSpec | None = None,
         predict_seed: int = 0,
+        predict_labels: int | list[int] | Literal["all"] | None = None,
         clip_denoised: bool = True,
         compile: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
@@ -70,6 +72,9 @@ class GenerativeModule(Sampling, LightningModule):
             predict_sampler: sampler of ``cm-lightning predict``: a σ list ([80.0] one step, [80.0, 0.8] two)
                 or "heun<N>" / "euler<N>" (the probability-flow ODE); None: the method's default.
             predict_seed: noise seed of ``predict``; image i depends on (seed, i) only.
+            predict_labels: classes of ``predict`` (and of edits) for a class-conditional network: "all" or None
+                (balanced: image i gets class i mod K), a list of classes cycled over the images ([7]: all sevens),
+                or an int n: n images of each class in turn (with --data.predict_num_samples n·K).
             clip_denoised: in multistep consistency sampling (``sample``, grids, FID, ``predict``), clamp each
                 step's output to [-1, 1] before adding the next noise, as the official code and diffusers do.
             compile: compile the networks with ``torch.compile`` for training and sampling (weights and
@@ -94,6 +99,7 @@ class GenerativeModule(Sampling, LightningModule):
         if not 0 <= predict_seed < 2**31:
             raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
         net = build_network(net)
+        validate_label_spec(predict_labels, num_classes_of(net))
         if isinstance(self.hparams.get("net"), dict):  # a config: record every argument it was built with
             self.hparams["net"] = with_net_defaults(dict(self.hparams), type(net))["net"]
         else:  # built in Python: keep its config, not the object
@@ -112,11 +118,13 @@ class GenerativeModule(Sampling, LightningModule):
         """The network in the method's parametrisation (f_θ or D_φ)."""
         raise NotImplementedError
 
-    def losses(self, x: Tensor) -> Tensor:
-        """Training losses of a clean batch at ``self.global_step`` (per sample, or their mean); noise from torch's RNG."""
+    def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Training losses of a clean batch at ``self.global_step`` (per sample, or their mean); noise from torch's
+        RNG. ``labels``: the batch's classes for a class-conditional network (None otherwise), which every network
+        the method calls on the batch (student, target, teacher) is conditioned on."""
         raise NotImplementedError
 
-    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor | None:
+    def validation_loss(self, x: Tensor, index: Tensor, labels: Tensor | None = None) -> Tensor | None:
         """A loss on fixed noise levels and noise (image ``index[j]`` seeded by that index); None if unavailable."""
         raise NotImplementedError
 
@@ -135,6 +143,22 @@ class GenerativeModule(Sampling, LightningModule):
         return module_structure(with_canonical_net(hparams))
 
     # -- what the base class offers a method ------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        """K of a class-conditional network, 0 for an unconditional one (``nets.contract.num_classes_of``)."""
+        return num_classes_of(self.online.net)
+
+    def batch_of(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(images, labels) of a batch; labels only for a class-conditional model (an unconditional one ignores
+        them), which refuses a batch without them."""
+        x = images_of(batch)
+        if not self.num_classes:
+            return x, None
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError(f"the network is class-conditional (num_classes={self.num_classes}) but the data yields no "
+                             "labels: use a labelled DataModule (MNIST, CIFAR-10, an image folder with class sub-folders)")
+        return x, batch[1].to(x.device, torch.long)
 
     def network(self, weights: str) -> nn.Module:
         """The network with the named weights: "online", "ema" or "ema_<decay>"."""
@@ -205,6 +229,11 @@ class GenerativeModule(Sampling, LightningModule):
         for name, mine in (("channels", self.image_shape[0]), ("image_size", self.image_shape[1])):
             if dm is not None and getattr(dm, name, mine) != mine:
                 raise ValueError(f"the data has {name}={getattr(dm, name)} but the model's network has {name}={mine}")
+        classes = getattr(dm, "num_classes", None) if dm is not None and stage != "predict" else None
+        if self.num_classes and classes is not None and classes != self.num_classes:
+            raise ValueError(f"the network is conditioned on num_classes={self.num_classes} but the data has {classes} "
+                             "classes" + (" (a flat image folder: put the images in one sub-folder per class)" if not classes else "")
+                             + f": set --model.net.init_args.num_classes {classes}" * bool(classes))
         self._seed = torch.initial_seed()  # seed_everything's seed; a resumed run takes the checkpoint's
 
     def configure_model(self) -> None:
@@ -234,10 +263,10 @@ class GenerativeModule(Sampling, LightningModule):
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor | None:
         """The method's losses under the step's own seed (``core.noise.step_seed``); a non-finite loss stops
         the run or skips the step on every rank alike (``core.nonfinite``)."""
-        x = images_of(batch)
+        x, labels = self.batch_of(batch)
         with forked_rng(x.device):
             torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
-            loss = self.losses(x).mean()
+            loss = (self.losses(x, labels) if labels is not None else self.losses(x)).mean()
         if not finite_on_all_ranks(loss, self.trainer):
             if self.hparams.on_nonfinite == "stop":
                 raise nonfinite_loss(loss, self.global_step, self.describe_step())
@@ -296,10 +325,10 @@ class GenerativeModule(Sampling, LightningModule):
             self._seed = seed
 
     def _log_eval_loss(self, name: str, batch) -> None:
-        x = images_of(batch)
+        x, labels = self.batch_of(batch)
         index = torch.arange(self._eval_seen, self._eval_seen + len(x))
         self._eval_seen += len(x)
-        loss = self.validation_loss(x, index)
+        loss = self.validation_loss(x, index, labels) if labels is not None else self.validation_loss(x, index)
         if loss is not None:  # None: the method cannot compute it here (CD without its teacher file)
             self.log(name, loss.mean(), prog_bar=name == "val/loss", sync_dist=True)
 

@@ -7,6 +7,7 @@ model's F weights, read with weights_only=True), and the fixed σ pairs of their
 import torch
 from torch import Tensor, nn
 
+from cm_lightning.core.conditioning import bind_labels
 from cm_lightning.core.karras import karras_sigmas
 from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.structure import network_differences
@@ -79,11 +80,14 @@ class ConsistencyModule(GenerativeModule):
 
     def predict_step(self, batch, batch_idx: int):
         """Sample indices: images (GenerativeModule); an edit batch (``cm-lightning predict --edit.kind``, a dict
-        with its ``task``): the task applied with the ``eval_weights`` network in eval mode."""
+        with its ``task``): the task applied with the ``eval_weights`` network in eval mode, a class-conditional one
+        conditioned on each item's ``predict_labels`` class (so an edit keeps the label it is given)."""
         if not isinstance(batch, dict):
             return super().predict_step(batch, batch_idx)
+        labels = self.labels_for_indices(batch["index"].tolist())
         with self.evaluating() as f:
-            return batch["task"](f, batch, self.hparams.sigma_min)
+            return batch["task"](bind_labels(f, None if labels is None else labels.to(self.device)), batch,
+                                 self.hparams.sigma_min)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from cm_lightning.core.conditioning import bind_labels
 from cm_lightning.core.losses import METRICS
 from cm_lightning.core.objectives import ConsistencyTraining
 from cm_lightning.core.recipes import DEFAULTS, make_recipe
@@ -82,18 +83,21 @@ class ConsistencyTrainingModule(ConsistencyModule):
         """N(k) of the recipe at global step k (clamped to K)."""
         return self.objective.num_scales(k, self._total_steps)
 
-    def losses(self, x: Tensor) -> Tensor:
+    def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         k = self.global_step
         self.log("train/num_scales", float(self.num_scales(k)))
         self.log("train/target_ema", self.recipe.target_ema(self.num_scales(k)))
         z, self._sigma_n, self._sigma_next = self.objective.draw(x, k, self._total_steps)
-        return self.consistency_loss(x, z, self._sigma_n, self._sigma_next)
+        return self.consistency_loss(x, z, self._sigma_n, self._sigma_next, labels=labels)
 
-    def consistency_loss(self, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor, f: nn.Module | None = None) -> Tensor:
+    def consistency_loss(self, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor, f: nn.Module | None = None,
+                         labels: Tensor | None = None) -> Tensor:
         """The mean of λ(σ_n) d(f_θ(x + σ_{n+1} z, σ_{n+1}), f_θ⁻(x + σ_n z, σ_n)) (CM eq. 10; iCT eq. 9) for
-        the online network and θ⁻; given ``f``, both branches use it (the self-consistency of an evaluation network)."""
+        the online network and θ⁻; given ``f``, both branches use it (the self-consistency of an evaluation network).
+        Both branches are conditioned on the same ``labels``."""
         student = f or self.online
         target = f or (self.target if self.target is not None else self.online)
+        student, target = bind_labels(student, labels), bind_labels(target, labels)
         return self.objective.loss(student, target, x, z, sigma_n, sigma_next).mean()
 
     def describe_step(self) -> str:
@@ -104,11 +108,11 @@ class ConsistencyTrainingModule(ConsistencyModule):
         """ct: μ(k) of the curriculum, with k the step just taken."""
         return self.recipe.target_ema(self.num_scales(self.global_step))
 
-    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor:
+    def validation_loss(self, x: Tensor, index: Tensor, labels: Tensor | None = None) -> Tensor:
         """CT loss of the ``eval_weights`` network on fixed σ pairs and noise: comparable across steps and runs.
 
         Image i of the epoch (in loader order) gets pair n = i mod (val_num_scales − 1) and noise seeded by i.
         """
         h = self.hparams
         z, sigma_n, sigma_next = fixed_pairs(x, index, h.val_num_scales, h.sigma_min, h.sigma_max, h.rho)
-        return self.consistency_loss(x, z, sigma_n, sigma_next, self.network(h.eval_weights))
+        return self.consistency_loss(x, z, sigma_n, sigma_next, self.network(h.eval_weights), labels)

@@ -17,7 +17,7 @@ from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.trigflow import (ContinuousConsistency, ct_velocity, sigma_of_t, t_of_sigma, tangent_warmup, trajectory,
                                         trigflow_F)
 from cm_lightning.methods.consistency import ConsistencyModule
-from cm_lightning.methods.teacher import FrozenTeacher
+from cm_lightning.methods.teacher import FrozenTeacher, refuse_unconditional_guidance
 from cm_lightning.nets.adaptive_weight import LogVarianceHead
 from cm_lightning.nets.preconditioning import ConsistencyFunction
 
@@ -44,6 +44,7 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
         weight_channels: int = 128,
         val_num_scales: int = 40,
         allow_teacher_change: bool = False,
+        guidance_scale: float = 1.0,
         **kwargs,
     ):
         """
@@ -63,6 +64,9 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
             weight_channels: channels of the log-variance head's noise embedding.
             val_num_scales: the validation loss uses the levels of this Karras grid.
             allow_teacher_change: resume even if the teacher file differs from the one the run started with.
+            guidance_scale: sCD: w of classifier-free guidance of the teacher's velocity, F_∅ + w (F_c − F_∅), so a
+                conditional student learns the guided teacher's flow (FastGen's guided sCD); 1: unguided. Needs a
+                class-conditional teacher trained with label dropout.
             **kwargs: ``init_from`` / ``init_weights`` (ConsistencyModule) and the settings every method shares
                 (GenerativeModule): σ range, EMAs, sampling, optimizer, ...
         """
@@ -72,6 +76,9 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
             raise ValueError("compile=True is not supported by ContinuousConsistencyModule: its training step takes "
                              "torch.func.jvp of the network, which torch.compile does not trace; train eagerly")
         super().__init__(net=net, **kwargs)
+        refuse_unconditional_guidance(self, guidance_scale)
+        if guidance_scale != 1.0 and teacher is None:
+            raise ValueError(f"guidance_scale={guidance_scale} guides sCD's teacher; sCT (no --model.teacher) has none")
         h = self.hparams
         self.objective = ContinuousConsistency(p_mean, p_std, h.sigma_data, h.sigma_min, h.sigma_max,
                                                tangent_warmup_steps, tangent_norm, prior_weight, jvp)
@@ -92,14 +99,18 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
         """F_θ's and the log-variance head's (φ is trained with θ by the same optimizer)."""
         return [*self.online.parameters(), *self.log_weight.parameters()]
 
-    def trigflow(self, f: ConsistencyFunction):
-        """F(x_t, t) of a parametrised network (``core.trigflow.trigflow_F``)."""
-        return lambda x_t, t: trigflow_F(f.net, x_t, t, self.hparams.sigma_data)
+    def trigflow(self, f: ConsistencyFunction, labels: Tensor | None = None, guidance_scale: float = 1.0):
+        """F(x_t, t) of a parametrised network (``core.trigflow.trigflow_F``), conditioned on ``labels``."""
+        return lambda x_t, t: trigflow_F(f.net, x_t, t, self.hparams.sigma_data, labels, guidance_scale)
 
-    def losses(self, x: Tensor) -> Tensor:
+    def guided_teacher(self, labels: Tensor | None):
+        """The teacher's F (sCD), conditioned on the labels and guided by ``guidance_scale``."""
+        return self.trigflow(self.teacher(), labels, self.hparams.get("guidance_scale", 1.0))
+
+    def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         z, self._t = self.objective.draw(x)
-        teacher = self.trigflow(self.teacher()) if self._teacher is not None else None
-        online = self.trigflow(self.online)  # the student's forward: through DDP's forward, so gradients sync
+        teacher = self.guided_teacher(labels) if self._teacher is not None else None
+        online = self.trigflow(self.online, labels)  # the student's forward: through DDP's forward, so gradients sync
         terms = self.objective.loss(online, online, self.log_weight, x, z, self._t, self.global_step, teacher)
         self.log("train/tangent_rms", terms.tangent_rms.mean())
         self.log("train/tangent_warmup", tangent_warmup(self.global_step, self.hparams.tangent_warmup_steps))
@@ -109,7 +120,7 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
     def describe_step(self) -> str:
         return f", with t in [{self._t.min().item():.4g}, {self._t.max().item():.4g}]"
 
-    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor | None:
+    def validation_loss(self, x: Tensor, index: Tensor, labels: Tensor | None = None) -> Tensor | None:
         """RMS of the unnormalised tangent g (r = 1) of the ``eval_weights`` network at fixed levels (image i: level
         i mod N of the Karras grid) and noise seeded by i: how far f is from constant along trajectories, comparable
         across steps and runs; sCD's needs the teacher (None without its file)."""
@@ -119,9 +130,9 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
         sigmas = karras_sigmas(h.val_num_scales, h.sigma_min, h.sigma_max, h.rho)
         t = t_of_sigma(sigmas[index.cpu() % len(sigmas)], h.sigma_data).to(x.device, torch.float32)
         z = h.sigma_data * indexed_noise(0, index.tolist(), 1, x.shape[1:])[0].to(x.device)
-        F = self.trigflow(self.network(h.eval_weights))
+        F = self.trigflow(self.network(h.eval_weights), labels)
         x_t = trajectory(x, z, t)
-        v = ct_velocity(x, z, t) if h.teacher is None else h.sigma_data * self.trigflow(self.teacher())(x_t, t)
+        v = ct_velocity(x, z, t) if h.teacher is None else h.sigma_data * self.guided_teacher(labels)(x_t, t)
         _, g = self.objective.tangent(F, x_t, t, v, 1.0)
         return g.flatten(1).square().mean(1).sqrt()
 

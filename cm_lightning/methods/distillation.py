@@ -11,11 +11,12 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from cm_lightning.core.conditioning import bind_labels
 from cm_lightning.core.losses import METRICS
 from cm_lightning.core.noise import indexed_noise
 from cm_lightning.core.objectives import ConsistencyDistillation
 from cm_lightning.methods.consistency import ConsistencyModule
-from cm_lightning.methods.teacher import FrozenTeacher
+from cm_lightning.methods.teacher import FrozenTeacher, refuse_unconditional_guidance
 
 
 class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
@@ -32,6 +33,7 @@ class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
         mu: float = 0.0,
         allow_teacher_change: bool = False,
         sampling_levels: Literal["grid", "free"] = "grid",
+        guidance_scale: float = 1.0,
         **kwargs,
     ):
         """
@@ -51,6 +53,10 @@ class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
             sampling_levels: the two-step sampler of grids and FID: "grid" takes the second level from the training
                 grid (the level nearest 0.8 in ln σ: 1.0882 for N = 18), where the student learned f; "free" is
                 the usual [80, 0.8], between two trained levels.
+            guidance_scale: w of classifier-free guidance of the teacher's ODE step, D_∅ + w (D_c − D_∅), so that
+                the conditional student learns the guided teacher's trajectories and samples them in one step
+                (FastGen's guided CD); 1: the plain conditional teacher. Needs a class-conditional teacher trained
+                with label dropout.
             **kwargs: ``init_from`` (ConsistencyModule: start from other weights than the teacher's) and the
                 settings every method shares (GenerativeModule): σ range, EMAs, sampling,
                 optimizer, ...
@@ -64,6 +70,7 @@ class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
         if sampling_levels not in ("grid", "free"):
             raise ValueError(f"sampling_levels must be 'grid' or 'free', got {sampling_levels!r}")
         super().__init__(net=net, **kwargs)
+        refuse_unconditional_guidance(self, guidance_scale)
         h = self.hparams
         self.objective = ConsistencyDistillation(METRICS[loss], num_scales, h.sigma_min, h.sigma_max, h.rho, solver == "heun")
         if mu > 0:  # μ = 0: the target is sg(θ), the online network itself
@@ -95,21 +102,27 @@ class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
 
     # -- training and validation ----------------------------------------------------------------
 
-    def losses(self, x: Tensor) -> Tensor:
+    def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         z, self._sigma_n, self._sigma_next = self.objective.draw(x)
         target = self.target if self.target is not None else self.online
-        return self.objective.loss(self.online, target, self.teacher(), x, z, self._sigma_n, self._sigma_next)
+        student, target, teacher = self.conditioned(self.online, target, labels)
+        return self.objective.loss(student, target, teacher, x, z, self._sigma_n, self._sigma_next)
+
+    def conditioned(self, student: nn.Module, target: nn.Module, labels: Tensor | None):
+        """Student, target and (guided) teacher, each conditioned on the same labels."""
+        guidance = self.hparams.get("guidance_scale", 1.0)
+        return bind_labels(student, labels), bind_labels(target, labels), bind_labels(self.teacher(), labels, guidance)
 
     def describe_step(self) -> str:
         return (f", with σ_n in [{self._sigma_n.min().item():.4g}, {self._sigma_n.max().item():.4g}] and σ_n+1 up to "
                 f"{self._sigma_next.max().item():.4g}")
 
-    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor | None:
+    def validation_loss(self, x: Tensor, index: Tensor, labels: Tensor | None = None) -> Tensor | None:
         """CD loss of the ``eval_weights`` network (as student and target) on fixed σ pairs (image i: pair
         i mod (N − 1)) and noise seeded by i; None without a teacher."""
         if self._teacher is None:
             return None
         sigma_n, sigma_next = (s.to(x.device) for s in self.objective.pair(index))
         z = indexed_noise(0, index.tolist(), 1, x.shape[1:])[0].to(x.device)
-        f = self.network(self.hparams.eval_weights)
-        return self.objective.loss(f, f, self.teacher(), x, z, sigma_n, sigma_next)
+        f, _, teacher = self.conditioned(self.network(self.hparams.eval_weights), self.online, labels)
+        return self.objective.loss(f, f, teacher, x, z, sigma_n, sigma_next)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from cm_lightning.core.conditioning import bind_labels
 from cm_lightning.core.objectives import EasyConsistencyTuning
 from cm_lightning.methods.consistency import ConsistencyModule, fixed_pairs
 from cm_lightning.nets.preconditioning import EDMDenoiser
@@ -93,12 +94,12 @@ class EasyConsistencyTuningModule(ConsistencyModule):
             raise RuntimeError("the stage length is set when fit starts (stage_steps=None: total steps / num_stages)")
         return (self.global_step if k is None else k) // self._stage_steps
 
-    def losses(self, x: Tensor) -> Tensor:
+    def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         stage = self.stage()
         z, self._t, self._r = self.objective.draw(x, stage)
         self.log("train/stage", float(stage))
         self.log("train/mean_t_minus_r", (self._t - self._r).mean())
-        f = self.training_function()
+        f = bind_labels(self.training_function(), labels)
         return self.objective.loss(f, f, x, z, self._t, self._r)
 
     def training_function(self) -> nn.Module:
@@ -109,10 +110,10 @@ class EasyConsistencyTuningModule(ConsistencyModule):
         return (f", with t in [{self._t.min().item():.4g}, {self._t.max().item():.4g}] and r up to "
                 f"{self._r.max().item():.4g} (stage {self.stage()})")
 
-    def validation_loss(self, x: Tensor, index: Tensor) -> Tensor:
+    def validation_loss(self, x: Tensor, index: Tensor, labels: Tensor | None = None) -> Tensor:
         """The ECT distance of the ``eval_weights`` network between fixed adjacent Karras levels (t = σ_n+1,
         r = σ_n) and seeded noise: a self-consistency error comparable across steps, stages and runs."""
         h = self.hparams
         z, sigma_n, sigma_next = fixed_pairs(x, index, h.val_num_scales, h.sigma_min, h.sigma_max, h.rho)
-        f = self.network(h.eval_weights)
+        f = bind_labels(self.network(h.eval_weights), labels)
         return self.objective.loss(f, f, x, z, sigma_next, sigma_n).mean()

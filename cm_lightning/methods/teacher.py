@@ -15,6 +15,14 @@ from cm_lightning.core.compile import compile_networks
 from cm_lightning.nets.preconditioning import EDMDenoiser
 
 
+def refuse_unconditional_guidance(module, guidance_scale: float) -> None:
+    """A teacher's guidance (CD, sCD) needs a class-conditional network; refused by name before any work."""
+    if guidance_scale != 1.0 and not module.num_classes:
+        raise ValueError(f"guidance_scale={guidance_scale} guides a class-conditional teacher, but the network "
+                         f"{type(module.online.net).__name__} has num_classes=0 (UNet: --model.net.init_args.num_classes K, "
+                         "the teacher's)")
+
+
 class FrozenTeacher:
     """Mixin (before ``ConsistencyModule`` in the bases) for a module with ``teacher``, ``teacher_weights`` and
     ``allow_teacher_change`` hyper-parameters. ``teacher_required``: a run without a teacher file is refused (CD);

@@ -2,6 +2,9 @@
 
 A network is any ``nn.Module`` F(c_in·x, c_noise) → image-shaped output whose ``__init__`` takes
 ``image_size`` and ``channels`` (the CLI links them from the data) and keeps them as int attributes.
+A class-conditional network also has an int attribute ``num_classes`` = K > 0 and is called
+F(c_in·x, c_noise, class_labels) with integer labels (B,) in [0, K) or −1 for "no label" (``core.conditioning``);
+a network without the attribute (or with 0) is unconditional and is never given labels.
 Checkpoints store it as plain data, {"class_path", "init_args"}, so they load with ``weights_only``.
 """
 
@@ -33,7 +36,16 @@ def build_network(net: nn.Module | dict | None) -> nn.Module:
             raise ValueError(f"the network {type(net).__name__} must have an int attribute {name!r}")
     if net.channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3 (greyscale or RGB images), got {net.channels}")
+    num_classes_of(net)
     return net
+
+
+def num_classes_of(net: nn.Module) -> int:
+    """K, the classes a network is conditioned on: its ``num_classes`` attribute, 0 (unconditional) without one."""
+    k = getattr(net, "num_classes", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"the network {type(net).__name__} has num_classes={k!r}: it must be an int >= 0 (0: unconditional)")
+    return k
 
 
 def with_net_defaults(hparams: dict, cls: type) -> dict:

@@ -4,6 +4,7 @@ EDM denoiser D_φ (EDM Table 1). Both take (x, σ) and hand F the scaled input a
 import torch
 from torch import Tensor, nn
 
+from cm_lightning.core.conditioning import call_network
 from cm_lightning.core.karras import SIGMA_DATA, SIGMA_MIN, c_in, c_noise, c_out, c_skip
 
 
@@ -16,12 +17,14 @@ class ConsistencyFunction(nn.Module):
         self.sigma_min = sigma_min
         self.sigma_data = sigma_data
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+        """f(x, σ); a class-conditional network also takes the labels (B,) and, w ≠ 1, classifier-free guidance
+        with scale w (``core.conditioning.call_network``)."""
         sigma = sigma.float().reshape(-1, 1, 1, 1)
         with torch.autocast(x.device.type, enabled=False):  # scalings in float32 under AMP
             skip, out = c_skip(sigma, self.sigma_min, self.sigma_data), c_out(sigma, self.sigma_min, self.sigma_data)
             net_in, noise = c_in(sigma, self.sigma_data) * x.float(), c_noise(sigma.flatten())
-        F_x = self.net(net_in, noise).float()
+        F_x = call_network(self.net, net_in, noise, class_labels, guidance_scale).float()
         return skip * x.float() + out * F_x
 
 

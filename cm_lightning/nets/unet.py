@@ -162,6 +162,7 @@ class UNet(nn.Module):
         embedding_type: str = "fourier",
         fourier_scale: float = 16.0,
         embedding_channels: int | None = None,
+        num_classes: int = 0,
     ):
         """
         Args:
@@ -177,6 +178,10 @@ class UNet(nn.Module):
                 (sinusoids of c_noise, frequencies 1 … 1e-4: EDM's DDPM++).
             fourier_scale: standard deviation of the Fourier frequencies (NCSN++ / CM paper 16; iCT 0.02).
             embedding_channels: width of the embedding's features; None: ``model_channels`` (NCSN++ takes twice that).
+            num_classes: K > 0 makes the network class-conditional: a learned embedding of the label is added to the
+                noise embedding before the mapping MLP (EDM's DDPM++; label −1, "no label", adds nothing, which is
+                what label dropout and guidance use); 0 (the default): unconditional, the network of every model
+                before labels existed, with the same weights and outputs.
         """
         super().__init__()
         validate_unet(image_size, list(channel_mult), list(attn_resolutions), embedding_type)
@@ -186,14 +191,19 @@ class UNet(nn.Module):
             raise ValueError(f"fourier_scale must be > 0, got {fourier_scale}")
         if embedding_channels is not None and (embedding_channels < 2 or embedding_channels % 2):
             raise ValueError(f"embedding_channels must be an even number >= 2 (cos and sin pairs) or None, got {embedding_channels}")
-        self.image_size, self.channels = image_size, channels  # what the modules read
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes  # what the modules read
         self.init_args = dict(  # how to build it again, for checkpoints made without the CLI
             image_size=image_size, channels=channels, model_channels=model_channels, channel_mult=list(channel_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions), dropout=dropout,
             embedding_type=embedding_type, fourier_scale=fourier_scale, embedding_channels=embedding_channels,
+            num_classes=num_classes,
         )
         emb_dim, noise_channels = 4 * model_channels, embedding_channels or model_channels
         self.embed = make_embedding(embedding_type, noise_channels, fourier_scale)
+        if num_classes:  # only then: an unconditional net keeps today's state-dict keys
+            self.map_label = nn.Embedding(num_classes, noise_channels)
         self.map = nn.Sequential(nn.Linear(noise_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU())
         self.conv_in = nn.Conv2d(channels, model_channels, 3, padding=1)
 
@@ -220,9 +230,12 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c, c, emb_dim, dropout, resample="up"))
         self.out = nn.Sequential(_norm(c), nn.SiLU(), _zero(nn.Conv2d(c, channels, 3, padding=1)))
 
-    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """F(x, c_noise) of an unconditional net; with ``num_classes`` > 0 also the labels (B,), −1 for none."""
         with torch.autocast(x.device.type, enabled=False):  # the embedding stays float32 under AMP
             emb = self.embed(c_noise.float())
+            if class_labels is not None:
+                emb = emb + self.label_embedding(class_labels)
         emb = self.map(emb)
         h = self.conv_in(x)
         hs = [h]
@@ -234,3 +247,10 @@ class UNet(nn.Module):
         for block in self.up:
             h = block(torch.cat([h, hs.pop()], dim=1) if block.resample != "up" else h, emb)
         return self.out(h)
+
+    def label_embedding(self, labels: Tensor) -> Tensor:
+        """The learned row of each label, zeros for −1 (no label): a gather, no host read."""
+        if not self.num_classes:
+            raise ValueError("class labels were given to an unconditional UNet (num_classes=0); build it with "
+                             "num_classes=K to train or sample a class-conditional model")
+        return self.map_label(labels.clamp(min=0)) * (labels >= 0).unsqueeze(1)
