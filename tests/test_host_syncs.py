@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, ContinuousConsistencyModule,
                           DiffusionModule, EasyConsistencyTuningModule)
@@ -57,17 +57,21 @@ class CountFromSecondStep(Callback):
             self.mode.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("cls, source", [
-    (ConsistencyTrainingModule, None), (DiffusionModule, None), (ConsistencyDistillationModule, "teacher"),
-    (EasyConsistencyTuningModule, "init_from"), (ContinuousConsistencyModule, "init_from"),
-    (ContinuousConsistencyModule, "teacher"),
-], ids=["ict", "edm", "cd", "ect", "sct", "scd"])
-def test_a_training_step_reads_the_device_only_for_the_nonfinite_policy(cls, source, tmp_path):
-    extra = {source: str(module_checkpoint(tmp_path / "teacher.ckpt"))} if source else {}
+@pytest.mark.parametrize("cls, source, conditional", [
+    (ConsistencyTrainingModule, None, {}), (DiffusionModule, None, {}), (ConsistencyDistillationModule, "teacher", {}),
+    (EasyConsistencyTuningModule, "init_from", {}), (ContinuousConsistencyModule, "init_from", {}),
+    (ContinuousConsistencyModule, "teacher", {}),
+    (DiffusionModule, None, {"label_dropout": 0.1}), (ConsistencyDistillationModule, "teacher", {"guidance_scale": 2.0}),
+    (ContinuousConsistencyModule, "teacher", {"guidance_scale": 2.0}),
+], ids=["ict", "edm", "cd", "ect", "sct", "scd", "edm_labels", "cd_guided", "scd_guided"])
+def test_a_training_step_reads_the_device_only_for_the_nonfinite_policy(cls, source, conditional, tmp_path):
+    net = {"num_classes": 3} if conditional else {}
+    extra = {source: str(module_checkpoint(tmp_path / "teacher.ckpt", **net))} if source else {}
     torch.manual_seed(0)
-    module = tiny(cls, ema_decays=[0.9], **extra)
+    module = tiny(cls, ema_decays=[0.9], **extra, **net, **conditional)
     counter = CountFromSecondStep()
-    data = DataLoader(torch.rand(16, 1, 16, 16) * 2 - 1, batch_size=4)
+    images = torch.rand(16, 1, 16, 16) * 2 - 1
+    data = DataLoader(TensorDataset(images, torch.arange(16) % 3) if conditional else images, batch_size=4)
     make_trainer(tmp_path, max_steps=4, log_every_n_steps=1000, callbacks=[counter]).fit(module, data)
     sites = counter.mode.sites
     assert {(f, fn) for f, fn, _, _ in sites} <= ALLOWED, [s for s in sites if s[:2] not in ALLOWED]
