@@ -60,8 +60,10 @@ def test_presets_parse_and_build(config, fake_mnist):
     """Every preset parses and builds its model and DataModule: catches drift between the YAML and the code."""
     cli = build_cli(["--config", str(config), f"--data.data_dir={fake_mnist}", "--trainer.logger=false"], run=False)
     expected = {"edm": DiffusionModule, "cd": ConsistencyDistillationModule, "ect": EasyConsistencyTuningModule,
-                "sct": ContinuousConsistencyModule, "scd": ContinuousConsistencyModule}.get(config.stem.split("_")[-1], ConsistencyTrainingModule)
+                "sct": ContinuousConsistencyModule, "scd": ContinuousConsistencyModule}.get(
+                    config.stem.removesuffix("_cond").split("_")[-1], ConsistencyTrainingModule)
     assert type(cli.model) is expected and isinstance(cli.model, SamplingModule)  # the callbacks' contract
+    assert cli.model.num_classes == (cli.datamodule.num_classes if config.stem.endswith("_cond") else 0)
     assert cli.model.image_shape == (cli.datamodule.channels, cli.datamodule.image_size, cli.datamodule.image_size)
 
 

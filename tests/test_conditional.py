@@ -247,7 +247,6 @@ def test_every_method_trains_on_the_labels(cls, extra, tmp_path):
     (lambda: tiny(DiffusionModule, label_dropout=0.1), r"label_dropout=0.1 .* need a class-conditional network.*num_classes"),
     (lambda: tiny(DiffusionModule, guidance_scale=2.0), r"guidance_scale=2.0 need a class-conditional network"),
     (lambda: tiny(ConsistencyDistillationModule, guidance_scale=2.0), r"guidance_scale=2.0 guides a class-conditional teacher"),
-    (lambda: tiny(ContinuousConsistencyModule, num_classes=2, guidance_scale=2.0), r"sCT \(no --model.teacher\) has none"),
     (lambda: tiny(ConsistencyTrainingModule, predict_labels=[7]), r"predict_labels=\[7\] needs a class-conditional network"),
     (lambda: tiny(ConsistencyTrainingModule, num_classes=3, predict_labels=[3]), r"classes in \[0, 3\), got \[3\]"),
     (lambda: tiny(ConsistencyTrainingModule, num_classes=3, predict_labels=0), r"images per class must be >= 1, got 0"),
@@ -262,6 +261,13 @@ def test_every_method_trains_on_the_labels(cls, extra, tmp_path):
 def test_conditional_misuse_is_refused_by_name(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_sct_refuses_a_guidance_scale_without_a_teacher_when_fit_starts(tmp_path):
+    module = tiny(ContinuousConsistencyModule, num_classes=2, guidance_scale=2.0, ema_decays=[0.9])
+    data = DataLoader(TensorDataset(torch.rand(4, 1, 16, 16), torch.arange(4) % 2), batch_size=2)
+    with pytest.raises(ValueError, match=r"guidance_scale=2.0 guides sCD's teacher, and this run has none \(sCT\)"):
+        make_trainer(tmp_path, max_steps=1).fit(module, data)
 
 
 def test_a_conditional_model_refuses_unlabelled_data_or_another_class_count(tmp_path, fake_mnist):

@@ -77,12 +77,16 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
                              "torch.func.jvp of the network, which torch.compile does not trace; train eagerly")
         super().__init__(net=net, **kwargs)
         refuse_unconditional_guidance(self, guidance_scale)
-        if guidance_scale != 1.0 and teacher is None:
-            raise ValueError(f"guidance_scale={guidance_scale} guides sCD's teacher; sCT (no --model.teacher) has none")
         h = self.hparams
         self.objective = ContinuousConsistency(p_mean, p_std, h.sigma_data, h.sigma_min, h.sigma_max,
                                                tangent_warmup_steps, tangent_norm, prior_weight, jvp)
         self.log_weight = LogVarianceHead(h.sigma_data, weight_channels)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("guidance_scale", 1.0) != 1.0 and self.hparams.teacher is None:
+            raise ValueError(f"guidance_scale={self.hparams.guidance_scale} guides sCD's teacher, and this run has none "
+                             "(sCT): give --model.teacher <DiffusionModule checkpoint>, or --model.guidance_scale 1")
+        super().setup(stage)
 
     def wrap(self, net: nn.Module) -> ConsistencyFunction:
         """f_θ(x_σ, σ) with the plain EDM scalings (σ_min = 0): the TrigFlow consistency function in σ-space,
