@@ -277,3 +277,18 @@ def test_a_conditional_model_refuses_unlabelled_data_or_another_class_count(tmp_
     module = tiny(DiffusionModule, num_classes=3, image_size=32, ema_decays=[0.9])
     with pytest.raises(ValueError, match=r"num_classes=3 but the data has 10 classes: set --model.net.init_args.num_classes 10"):
         make_trainer(tmp_path, max_steps=1).fit(module, datamodule=MNISTDataModule(str(fake_mnist)))
+
+
+@pytest.mark.slow
+def test_cli_fits_a_guided_teacher_and_predicts_the_asked_class(fake_mnist, tmp_path):
+    from cli import main
+    from tests.helpers import tiny_args
+
+    main(["fit", *tiny_args(fake_mnist, "DiffusionModule"), "--trainer.max_steps=4", "--model.net.num_classes=10",
+          "--model.label_dropout=0.2", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0"])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    main(["predict", *tiny_args(fake_mnist, "DiffusionModule"), "--trainer.logger=false", f"--ckpt_path={ckpt}",
+          "--data.predict_num_samples=5", f"--writer.output_dir={tmp_path / 'sevens'}", "--model.predict_labels=[7]",
+          "--model.guidance_scale=2.0", "--model.predict_sampler=heun3"])
+    with np.load(tmp_path / "sevens" / "samples.npz") as f:
+        assert f["arr_0"].shape == (5, 32, 32, 1) and f["arr_1"].tolist() == [7] * 5

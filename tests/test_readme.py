@@ -66,3 +66,22 @@ def test_the_post_hoc_ema_commands(fake_mnist, tmp_path, monkeypatch):
     block = re.search(r"python -m cm_lightning.io.post_hoc_ema .*?\n(?!    )", (ROOT / "README.md").read_text(), re.S)
     post_hoc_ema.main(shlex.split(block.group(0).replace("\\\n", " "))[3:])
     assert Path("runs/mnist_edm_phema/reconstructed/phema_0.150.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_the_conditional_commands(fake_mnist, tmp_path, monkeypatch):
+    """The guided chain as the README writes it: conditional teacher, guided CD student, a hundred sevens."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    commands = [c[1:] for c in readme_commands() if "_cond.yaml" in " ".join(c)]
+    assert [c[0] for c in commands] == ["fit", "fit", "predict"]
+    swap = lambda c: [str(fake_mnist) if a == "../shared/data" else a for a in c]  # noqa: E731
+    for command in commands[:2]:
+        main([*swap(command), *QUICK])
+    main([*swap(commands[2]), *[q for q in QUICK if q.startswith("--model.net")]])
+    import numpy as np
+    with np.load(tmp_path / "samples" / "sevens" / "samples.npz") as f:
+        assert f["arr_0"].shape == (100, 32, 32, 1) and (f["arr_1"] == 7).all()
+    student = torch.load(next(Path("runs/mnist_cd_cond").rglob("last.ckpt")), weights_only=True)
+    assert student["hyper_parameters"]["guidance_scale"] == 1.5
+    assert student["teacher_sha256"] == sha256(Path("runs/mnist_edm_cond/lightning_logs/version_0/checkpoints/last.ckpt"))
