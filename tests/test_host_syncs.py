@@ -76,3 +76,20 @@ def test_a_training_step_reads_the_device_only_for_the_nonfinite_policy(cls, sou
     sites = counter.mode.sites
     assert {(f, fn) for f, fn, _, _ in sites} <= ALLOWED, [s for s in sites if s[:2] not in ALLOWED]
     assert len(sites) == 2 * 3  # the two checks, in each of the 3 counted steps: the counter sees them
+
+
+@pytest.mark.parametrize("cls, source", [
+    (ConsistencyTrainingModule, None), (DiffusionModule, None), (ConsistencyDistillationModule, "teacher"),
+    (EasyConsistencyTuningModule, "init_from"), (ContinuousConsistencyModule, "teacher"),
+], ids=["ict", "edm", "cd", "ect", "scd"])
+def test_skip_on_device_reads_nothing_on_the_host(cls, source, tmp_path):
+    """``on_nonfinite=skip_on_device`` with a fused optimizer: not one host read in a step (the host looks once per
+    logging interval, here longer than the run)."""
+    extra = {source: str(module_checkpoint(tmp_path / "teacher.ckpt"))} if source else {}
+    torch.manual_seed(0)
+    module = tiny(cls, ema_decays=[0.9], on_nonfinite="skip_on_device",
+                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), **extra)
+    counter = CountFromSecondStep()
+    data = DataLoader(torch.rand(16, 1, 16, 16) * 2 - 1, batch_size=4)
+    make_trainer(tmp_path, max_steps=4, log_every_n_steps=1000, callbacks=[counter]).fit(module, data)
+    assert counter.mode.sites == []

@@ -54,7 +54,7 @@ def test_nonfinite_loss_can_be_skipped_and_is_counted(tmp_path):
 
 
 def test_on_nonfinite_names_the_accepted_values():
-    with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip', got 'ignore'"):
+    with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('stop', 'skip', 'skip_on_device'\), got 'ignore'"):
         NaNAt(on_nonfinite="ignore")
 
 
@@ -117,3 +117,40 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     with pytest.raises(FloatingPointError, match=r"refusing to save a checkpoint at global step 1: non-finite values in target.net.out.2.weight"):
         trainer.save_checkpoint(tmp_path / "good.ckpt")
     assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "good.ckpt", weights_only=True)["state_dict"].values())
+
+
+def fused_adam(params):
+    return torch.optim.Adam(params, lr=1e-3, fused=True)
+
+
+def test_skip_on_device_drops_a_nonfinite_step_without_moving_weights_moments_or_averages(tmp_path):
+    m = InfGradAt([2], on_nonfinite="skip_on_device", optimizer=fused_adam, ema_decays=[0.9])
+    seen = {}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            vector = torch.nn.utils.parameters_to_vector
+            seen[trainer.global_step] = (vector(pl_module.online.parameters()).detach().clone(),
+                                         vector(pl_module.ema["0"].parameters()).detach().clone())
+
+    trainer = make_trainer(tmp_path, max_steps=5, callbacks=[Watch()], log_every_n_steps=100)
+    trainer.fit(m, data())
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert torch.equal(seen[2][0], seen[3][0]) and torch.equal(seen[2][1], seen[3][1])  # step 2: nothing moved
+    assert not torch.equal(seen[1][0], seen[2][0]) and not torch.equal(seen[3][1], seen[4][1])  # the others did
+    state = trainer.optimizers[0].state[next(m.online.parameters())]
+    assert state["step"].item() == 4 and torch.isfinite(state["exp_avg_sq"]).all()  # 5 steps, 1 dropped
+    assert m.skipped_on_device.item() == 1
+
+
+def test_skip_on_device_stops_when_a_whole_logging_interval_was_dropped(tmp_path):
+    m = InfGradAt(list(range(2, 20)), on_nonfinite="skip_on_device", optimizer=fused_adam)
+    with pytest.raises(FloatingPointError, match=r"every one of the last 3 steps \(to global step 6\) had non-finite"):
+        make_trainer(tmp_path, max_steps=20, log_every_n_steps=3).fit(m, data())
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_skip_on_device_refuses_an_optimizer_that_cannot_skip_on_the_device(tmp_path):
+    m = NaNAt(on_nonfinite="skip_on_device", optimizer=lambda p: torch.optim.RAdam(p, lr=1e-3))
+    with pytest.raises(ValueError, match=r"needs an optimizer that skips a step on the device .*fused true.*RAdam is not"):
+        make_trainer(tmp_path, max_steps=2).fit(m, data())

@@ -4,7 +4,7 @@ and the names a user picks networks by ("online", "ema", "ema_<decay>")."""
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
@@ -13,17 +13,25 @@ def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, online: nn.Module, decay: float) -> None:
-    """θ_ema ← β θ_ema + (1 − β) θ for parameters; buffers are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(online.parameters()), 1 - decay)
+def update_ema(ema: nn.Module, online: nn.Module, decay: float, keep: Tensor | None = None) -> None:
+    """θ_ema ← β θ_ema + (1 − β) θ for parameters; buffers are copied. ``keep``, a 0-d tensor on the device
+    (1 or 0), scales the move: 0 leaves the average where it is, for a step skipped on the device, without a host
+    read."""
+    averaged, current = list(ema.parameters()), list(online.parameters())
+    if keep is None:
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+    else:
+        moves = torch._foreach_sub(current, averaged)
+        torch._foreach_mul_(moves, keep * (1 - decay))
+        torch._foreach_add_(averaged, moves)
     for b_ema, b in zip(ema.buffers(), online.buffers()):
         b_ema.copy_(b)
 
 
-def update_averages(averaged: Iterable[tuple[nn.Module, float]], online: nn.Module) -> None:
-    """Move every (network, decay β) after an optimizer step: θ_avg ← β θ_avg + (1 − β) θ."""
+def update_averages(averaged: Iterable[tuple[nn.Module, float]], online: nn.Module, keep: Tensor | None = None) -> None:
+    """Move every (network, decay β) after an optimizer step: θ_avg ← β θ_avg + (1 − β) θ (scaled by ``keep``)."""
     for network, decay in averaged:
-        update_ema(network, online, decay)
+        update_ema(network, online, decay, keep)
 
 
 def validate_decays(decays: list[float]) -> None:

@@ -26,7 +26,7 @@ from cm_lightning.core.ema import ema_decay, update_averages, validate_decays, w
 from cm_lightning.core.karras import validate_sigma_range
 from cm_lightning.core.lr_schedules import CosineDecay
 from cm_lightning.core.noise import forked_rng, step_seed
-from cm_lightning.core.nonfinite import NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
+from cm_lightning.core.nonfinite import ON_DEVICE, POLICIES, NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
 from cm_lightning.io.module_paths import imported_class, with_canonical_net
 from cm_lightning.nets.contract import build_network, network_config, num_classes_of, with_net_defaults
@@ -53,7 +53,7 @@ class GenerativeModule(Sampling, LightningModule):
         predict_labels: int | list[int] | Literal["all"] | None = None,
         clip_denoised: bool = True,
         compile: bool = False,
-        on_nonfinite: Literal["stop", "skip"] = "stop",
+        on_nonfinite: Literal["stop", "skip", "skip_on_device"] = "stop",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -80,7 +80,10 @@ class GenerativeModule(Sampling, LightningModule):
             compile: compile the networks with ``torch.compile`` for training and sampling (weights and
                 checkpoints unchanged); the first steps are slow while it compiles.
             on_nonfinite: a non-finite training loss "stop"s the run (weights and checkpoints untouched) or
-                "skip"s that step, counted in ``train/skipped_steps``.
+                "skip"s that step, counted in ``train/skipped_steps``; both decide on the host each step.
+                "skip_on_device" decides on the device (no host read in the step, for GPU throughput): a step with
+                non-finite gradients is dropped by a fused optimizer (``--model.optimizer.init_args.fused true``),
+                the averages stay, and the run stops if a whole logging interval was dropped (``core.nonfinite``).
             optimizer: optimizer factory; None is Adam(lr=1e-4).
             lr_scheduler: optional LR schedule factory, stepped every optimizer step;
                 ``cm_lightning.CosineDecay`` without ``total_steps`` lasts as long as the run.
@@ -94,8 +97,8 @@ class GenerativeModule(Sampling, LightningModule):
                              "is built; in Python pass the number, e.g. datamodule.pixel_statistics()['rms']")
         validate_sigma_range(sigma_min, sigma_max, sigma_data, rho)
         validate_decays(ema_decays)
-        if on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        if on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
         if not 0 <= predict_seed < 2**31:
             raise ValueError(f"predict_seed must lie in [0, 2**31), got {predict_seed}")
         net = build_network(net)
@@ -111,6 +114,7 @@ class GenerativeModule(Sampling, LightningModule):
         self.sampler(predict_sampler)  # and a bad predict sampler
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._compiled, self._skipped_steps, self._seed = False, 0, torch.initial_seed()
+        self._skipped_device, self._step_keep = torch.zeros(()), None  # ``skip_on_device``: count, this step's 0/1
 
     # -- what a method provides -------------------------------------------------------------
 
@@ -201,6 +205,18 @@ class GenerativeModule(Sampling, LightningModule):
         self._skipped_steps += 1
         self.log("train/skipped_steps", float(self._skipped_steps))
 
+    def keep_step(self, keep: Tensor) -> None:
+        """``skip_on_device``: this step's 1 (its update stands) or 0 (dropped), a device tensor the averages are
+        moved by; the dropped ones are counted on the device (``train/skipped_steps``)."""
+        self._step_keep = keep
+        self._skipped_device = self._skipped_device.to(keep.device) + (1 - keep)
+        self.log("train/skipped_steps", self._skipped_device)
+
+    @property
+    def skipped_on_device(self) -> Tensor:
+        """Steps dropped on the device so far in this process (``skip_on_device``)."""
+        return self._skipped_device
+
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's, also for checkpoints of cm-lightning 0.1 (upgraded in memory, see ``io.upgrade``); only a
@@ -267,6 +283,9 @@ class GenerativeModule(Sampling, LightningModule):
         with forked_rng(x.device):
             torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
             loss = (self.losses(x, labels) if labels is not None else self.losses(x)).mean()
+        if self.hparams.on_nonfinite == ON_DEVICE:  # decided on the device from the gradients (NonFiniteGuard)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
         if not finite_on_all_ranks(loss, self.trainer):
             if self.hparams.on_nonfinite == "stop":
                 raise nonfinite_loss(loss, self.global_step, self.describe_step())
@@ -286,7 +305,8 @@ class GenerativeModule(Sampling, LightningModule):
 
         super().optimizer_step(epoch, batch_idx, optimizer, closure)
         if not (losses and losses[-1] is None):  # a skipped non-finite step: Lightning did not step, nothing moves
-            update_averages(self.averaged_networks(), self.online)
+            update_averages(self.averaged_networks(), self.online, self._step_keep)  # (0 on the device: stays)
+        self._step_keep = None
 
     def on_validation_epoch_start(self) -> None:
         self._eval_seen = 0

@@ -88,6 +88,8 @@ class ConsistencyTrainingModule(ConsistencyModule):
         self.log("train/num_scales", float(self.num_scales(k)))
         self.log("train/target_ema", self.recipe.target_ema(self.num_scales(k)))
         z, self._sigma_n, self._sigma_next = self.objective.draw(x, k, self._total_steps)
+        if labels is None:  # (a subclass's consistency_loss of before labels existed keeps working)
+            return self.consistency_loss(x, z, self._sigma_n, self._sigma_next)
         return self.consistency_loss(x, z, self._sigma_n, self._sigma_next, labels=labels)
 
     def consistency_loss(self, x: Tensor, z: Tensor, sigma_n: Tensor, sigma_next: Tensor, f: nn.Module | None = None,
