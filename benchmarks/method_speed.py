@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="timed sampling batches per sampler")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="whole", default=None, choices=["whole", "regional"],
+                        help="--model.compile: the whole network (true), or per block (regional)")
     parser.add_argument("--no-sampling", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default=None, help="results/<name>.json; default from the config and settings")
@@ -78,7 +79,8 @@ def main() -> None:
         parser.error(f"--warmup must lie in [0, --steps), got {args.warmup}")
     config, device = load_preset(args.config), torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
-        module = build_preset_module(config, compile=args.compile, **teacher_args(args.config, Path(folder)))
+        compile = {None: False, "whole": True, "regional": "regional"}[args.compile]
+        module = build_preset_module(config, compile=compile, **teacher_args(args.config, Path(folder)))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -93,10 +95,10 @@ def main() -> None:
         "train_images_per_s": train, "fit_wall_s_including_warmup": wall, "peak_memory_gib": memory,
         "sampling": sampling,
     }
-    name = args.name or "speed_{}_{}{}".format(Path(args.config).stem, args.precision, "_compiled" if args.compile else "")
+    name = args.name or "speed_{}_{}{}".format(Path(args.config).stem, args.precision, f"_compiled_{args.compile}" * bool(args.compile))
     path = write_result(name, result)
     samples = ", ".join(f"{k} ({v['nfe']} NFE) {v['images_per_s']:.0f} images/s" for k, v in sampling.items())
-    print(f"{args.config} {type(module).__name__} {args.precision}{' compiled' if args.compile else ''}: train "
+    print(f"{args.config} {type(module).__name__} {args.precision}{f' compiled ({args.compile})' if args.compile else ''}: train "
           f"{train:.1f} images/s (fit incl. warm-up {wall:.0f} s, peak {memory or 0:.1f} GiB); sampling: {samples or '-'}")
     print(f"written to {path}")
 

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from cm_lightning import ConsistencyDistillationModule, DiffusionModule, EasyConsistencyTuningModule
 from cm_lightning.nets.unet import FourierEmbedding, PositionalEmbedding
+from cm_lightning.core.compile import repeated_blocks
 from tests.helpers import make_trainer, module_checkpoint, randomise, tiny
 
 
@@ -96,14 +97,19 @@ def test_bf16_mixed_trainer_steps_keep_float32_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_network_matches_eager():
+@pytest.mark.parametrize("mode", [True, "regional"])
+def test_compiled_network_matches_eager(mode):
     torch.manual_seed(0)
     eager = tiny(recipe="ict", ema_decays=[], eval_weights="online")
     randomise(eager.online)
-    compiled = tiny(recipe="ict", ema_decays=[], eval_weights="online", compile=True)
+    compiled = tiny(recipe="ict", ema_decays=[], eval_weights="online", compile=mode)
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+    blocks = repeated_blocks(compiled.online.net)
+    assert len(blocks) == len(compiled.online.net.down) + len(compiled.online.net.mid) + len(compiled.online.net.up)
+    compiled_whole = compiled.online.net._compiled_call_impl is not None
+    assert compiled_whole == (mode is True) and all((b._compiled_call_impl is not None) == (mode == "regional") for b in blocks)
     x, sigma = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([80.0, 0.5, 5.0, 0.01])
     torch.testing.assert_close(compiled.online(x, sigma), eager.online(x, sigma), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled.sample(4, seed=1), eager.sample(4, seed=1), rtol=1e-4, atol=1e-5)

@@ -52,7 +52,7 @@ class GenerativeModule(Sampling, LightningModule):
         predict_seed: int = 0,
         predict_labels: int | list[int] | Literal["all"] | None = None,
         clip_denoised: bool = True,
-        compile: bool = False,
+        compile: bool | Literal["regional"] = False,
         on_nonfinite: Literal["stop", "skip", "skip_on_device"] = "stop",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -78,7 +78,9 @@ class GenerativeModule(Sampling, LightningModule):
             clip_denoised: in multistep consistency sampling (``sample``, grids, FID, ``predict``), clamp each
                 step's output to [-1, 1] before adding the next noise, as the official code and diffusers do.
             compile: compile the networks with ``torch.compile`` for training and sampling (weights and
-                checkpoints unchanged); the first steps are slow while it compiles.
+                checkpoints unchanged); the first steps are slow while it compiles. "regional" compiles each
+                repeated block (the UNet's residual blocks) instead of the whole network: blocks of one kind share
+                their compiled code, so the first step comes much sooner (``core.compile``).
             on_nonfinite: a non-finite training loss "stop"s the run (weights and checkpoints untouched) or
                 "skip"s that step, counted in ``train/skipped_steps``; both decide on the host each step.
                 "skip_on_device" decides on the device (no host read in the step, for GPU throughput): a step with
@@ -255,7 +257,7 @@ class GenerativeModule(Sampling, LightningModule):
     def configure_model(self) -> None:
         """``compile=True``: compile every network in place (see ``core.compile``)."""
         if self.hparams.compile and not self._compiled:
-            compile_networks(self.networks())
+            compile_networks(self.networks(), self.hparams.compile)
             self._compiled = True
 
     def configure_callbacks(self) -> list[Callback]:

@@ -51,7 +51,7 @@ class FrozenTeacher:
         teacher = EDMDenoiser(copy.deepcopy(self.online.net), found.hparams.get("sigma_data", 0.5))
         teacher.net.load_state_dict(found.net_state)
         if self.hparams.compile:
-            compile_networks([teacher])
+            compile_networks([teacher], self.hparams.compile)
         object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # bypass nn.Module registration
         self._teacher_sha256 = found.sha256
 
