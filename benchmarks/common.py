@@ -88,6 +88,23 @@ def fit_speed(module, data, args, device: torch.device) -> float:
     return (args.steps - args.warmup) * args.batch_size / (timer.end - timer.start)
 
 
+def loop_speed(data, steps: int, warmup: int, batch_size: int, device: torch.device, step) -> float:
+    """Images/s of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first ``warmup``
+    untimed: a plain training loop's speed."""
+    k, start = 0, None
+    while k < steps:
+        for x in data:
+            if k == warmup:
+                sync(device)
+                start = time.perf_counter()
+            step(x.to(device, non_blocking=True), k)
+            k += 1
+            if k == steps:
+                break
+    sync(device)
+    return (steps - warmup) * batch_size / (time.perf_counter() - start)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

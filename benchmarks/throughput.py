@@ -13,13 +13,13 @@ fraction of it (MFU), and one- and two-step sampling through ``module.sample`` a
 """
 
 import argparse
-import time
 
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import build_module, fit_speed, load_preset, machine, matmul_peak, median, preset_channels, sync, timed, write_result
+from common import (build_module, fit_speed, load_preset, loop_speed, machine, matmul_peak, median, preset_channels, timed,
+                    write_result)
 from cm_lightning.core.ema import ema_decay, update_ema
 from cm_lightning.core.karras import c_noise, karras_sigmas
 
@@ -39,36 +39,28 @@ def plain_run(args, config, data, device) -> float:
     scaler = torch.amp.GradScaler(device.type) if args.precision == "16-mixed" else None
     dtype = AUTOCAST[args.precision]
     hp = module.hparams
-    step, start = 0, None
-    while step < args.steps:
-        for x in data:
-            if step == args.warmup:
-                sync(device)
-                start = time.perf_counter()
-            x = x.to(device, non_blocking=True)
-            sigmas = karras_sigmas(module.num_scales(step), hp.sigma_min, hp.sigma_max, hp.rho)
-            sigma_n, sigma_next = (s.to(device, torch.float32) for s in module.recipe.draw_pairs(sigmas, len(x)))
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = module.consistency_loss(x, torch.randn_like(x), sigma_n, sigma_next)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if module.target is not None:
-                mu = module.recipe.target_ema(module.num_scales(step))
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(module.target.parameters()), list(module.online.parameters()), 1 - mu)
-            for decay, ema in zip(hp.ema_decays, module.ema.values()):
-                update_ema(ema, module.online, ema_decay(decay, step, hp.ema_warmup))
-            step += 1
-            if step == args.steps:
-                break
-    sync(device)
-    return (args.steps - args.warmup) * args.batch_size / (time.perf_counter() - start)
+
+    def step(x, k):
+        sigmas = karras_sigmas(module.num_scales(k), hp.sigma_min, hp.sigma_max, hp.rho)
+        sigma_n, sigma_next = (s.to(device, torch.float32) for s in module.recipe.draw_pairs(sigmas, len(x)))
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = module.consistency_loss(x, torch.randn_like(x), sigma_n, sigma_next)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if module.target is not None:
+            mu = module.recipe.target_ema(module.num_scales(k))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(module.target.parameters()), list(module.online.parameters()), 1 - mu)
+        for decay, ema in zip(hp.ema_decays, module.ema.values()):
+            update_ema(ema, module.online, ema_decay(decay, k, hp.ema_warmup))
+
+    return loop_speed(data, args.steps, args.warmup, args.batch_size, device, step)
 
 
 def flops_per_image(config, batch_size: int, channels: int, device) -> float:
