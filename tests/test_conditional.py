@@ -292,3 +292,17 @@ def test_cli_fits_a_guided_teacher_and_predicts_the_asked_class(fake_mnist, tmp_
           "--model.guidance_scale=2.0", "--model.predict_sampler=heun3"])
     with np.load(tmp_path / "sevens" / "samples.npz") as f:
         assert f["arr_0"].shape == (5, 32, 32, 1) and f["arr_1"].tolist() == [7] * 5
+
+
+def test_fid_callback_logs_class_accuracy_of_a_conditional_mnist_model(tmp_path, fake_mnist):
+    from callbacks import FID
+
+    torch.manual_seed(0)
+    m = tiny(DiffusionModule, image_size=32, num_classes=10, label_dropout=0.1, eval_weights="online")
+    dm = MNISTDataModule(str(fake_mnist), batch_size=8, val_fraction=0.25)
+    fid = FID(num_samples=20, samplers=["euler2"], batch_size=10, kid=False)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=[fid])
+    trainer.fit(m, datamodule=dm)
+    acc, confidence = (trainer.callback_metrics[f"val/class_{k}_euler2"].item() for k in ("acc", "confidence"))
+    assert 0 <= acc <= 1 and 0 < confidence < 1
+    assert fid._metrics["euler2"].classified[0].item() == 20  # every generated image classified once
