@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import FID
 from cm_lightning import (ConsistencyDistillationModule, ConsistencyTrainingModule, ContinuousConsistencyModule, DiffusionModule,
@@ -74,10 +74,10 @@ def test_ddp_spawn_ranks_share_weights_and_curriculum_but_not_noise(tmp_path):
 class Records:
     """Keeps the first noise value of every training batch, and writes its state at the end of training."""
 
-    def losses(self, x):
+    def losses(self, x, labels=None):
         with torch.random.fork_rng():
             self.draws.append(torch.randn(1).item())  # the first draw of this batch's seeded stream
-        return super().losses(x)
+        return super().losses(x) if labels is None else super().losses(x, labels)
 
     def on_train_end(self):
         state = {k: v.clone() for k, v in self.state_dict().items()}
@@ -103,17 +103,22 @@ class RecordingContinuous(Records, ContinuousConsistencyModule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", [RecordingDiffusion, RecordingDistillation, RecordingTuning, RecordingContinuous],
-                         ids=["edm", "cd", "ect", "scd"])
-def test_ddp_spawn_diffusion_distillation_and_tuning_ranks_share_weights_but_not_noise(cls, tmp_path):
-    """sCD: the JVP runs on the network inside DDP's wrapper, the gradient forward through it, so ranks stay equal."""
+@pytest.mark.parametrize("cls, conditional", [
+    (RecordingDiffusion, {}), (RecordingDistillation, {}), (RecordingTuning, {}), (RecordingContinuous, {}),
+    (RecordingDiffusion, {"label_dropout": 0.2}), (RecordingContinuous, {"guidance_scale": 2.0}),
+], ids=["edm", "cd", "ect", "scd", "edm_labels", "scd_guided"])
+def test_ddp_spawn_diffusion_distillation_and_tuning_ranks_share_weights_but_not_noise(cls, conditional, tmp_path):
+    """sCD: the JVP runs on the network inside DDP's wrapper, the gradient forward through it, so ranks stay equal.
+    Class-conditional runs: labelled batches, label dropout and a guided teacher keep the ranks equal too."""
+    net = {"num_classes": 3} if conditional else {}
     extra = {RecordingDistillation: "teacher", RecordingTuning: "init_from", RecordingContinuous: "teacher"}.get(cls)
-    extra = {extra: str(module_checkpoint(tmp_path / "teacher.ckpt"))} if extra else {}
+    extra = {extra: str(module_checkpoint(tmp_path / "teacher.ckpt", **net))} if extra else {}
     torch.manual_seed(0)
-    m = tiny(cls, dropout=0.1, ema_decays=[0.9], **extra)
+    m = tiny(cls, dropout=0.1, ema_decays=[0.9], **extra, **net, **conditional)
     m.draws, m.folder = [], tmp_path
     initial = m.state_dict()["ema.0.net.out.2.weight"].clone()
-    data = DataLoader(torch.rand(32, 1, 16, 16) * 2 - 1, batch_size=4, shuffle=True)
+    images = torch.rand(32, 1, 16, 16) * 2 - 1
+    data = DataLoader(TensorDataset(images, torch.arange(32) % 3) if conditional else images, batch_size=4, shuffle=True)
     make_trainer(tmp_path, max_steps=2, strategy="ddp_spawn", devices=2).fit(m, data)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert max((r0["state"][k] - r1["state"][k]).abs().max().item() for k in r0["state"]) == 0.0
