@@ -144,14 +144,23 @@ class TwoSpaces:
 
     @torch.no_grad()
     def __call__(self, module, sampler, num_samples: int, spaces: tuple = ("mnist", "net_b")) -> dict[str, float]:
+        """{space: FID}; for a class-conditional model (class-balanced samples) also the shipped classifier's
+        ``class_acc`` and ``class_confidence`` when ``mnist`` is among the spaces."""
         used = {k: self.scores[k] for k in spaces}
         for s in used.values():
             s.reset()
         for start in range(0, num_samples, 500):
-            x = module.sample(min(500, num_samples - start), sampler, seed=0, first_index=start)
+            count = min(500, num_samples - start)
+            x = module.sample(count, sampler, seed=0, first_index=start)
+            labels = module.sampling_labels(None, range(start, start + count))  # None for an unconditional model
             for s in used.values():
-                s.update(x, real=False)
-        return {k: round(s.compute()["fid"].item(), 2) for k, s in used.items()}
+                s.update(x, real=False, labels=labels)
+        out = {}
+        for k, s in used.items():
+            computed = s.compute()
+            out[k] = round(computed["fid"].item(), 2)
+            out |= {key: round(computed[key].item(), 4) for key in ("class_acc", "class_confidence") if key in computed}
+        return out
 
 
 def sampler_of(module, sampler):

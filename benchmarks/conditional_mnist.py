@@ -1,0 +1,156 @@
+"""Class-conditional MNIST in one run: the guided teacher and its students, class accuracy beside FID, and what
+classifier-free guidance does.
+
+    python benchmarks/conditional_mnist.py                       # train what is missing, then score
+    python benchmarks/conditional_mnist.py --table               # the README's table
+    python benchmarks/conditional_mnist.py --grids               # one row per digit, per stage
+
+Trained on this machine as a user's ``fit`` would (validation off): the teacher ``configs/mnist_edm_cond.yaml``
+(label dropout 0.1), a CD student per guidance scale w (``configs/mnist_cd_cond.yaml --model.guidance_scale w``:
+the teacher's ODE step is the guided one) and ECT from the teacher's weights (``configs/mnist_ect_cond.yaml``).
+Scored on class-balanced samples (image i of class i mod 10) against the 10,000 MNIST test images, in the two
+feature spaces of ``ablation_mnist.py`` (the shipped classifier's and ``feature_net.py``'s), with the shipped
+classifier's class accuracy and the probability it gives the asked class: the teacher at Heun 10 without guidance
+and each student (one per w) at one and two steps with ``--num-samples``; the teacher at each w with
+``--guidance-samples``. Writes ``results/conditional_mnist.json`` after every stage
+and score; training minutes are wall (and process CPU) minutes.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from ablation_mnist import TwoSpaces, key_of, sampler_of
+from common import ROOT, machine
+from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
+from callbacks import SampleGrid
+from cm_lightning.io.files import atomic_write
+
+RESULTS = ROOT / "benchmarks" / "results" / "conditional_mnist.json"
+GUIDANCE = (1.0, 1.5, 2.0, 3.0)
+
+
+def stages(guidance: list[float]) -> dict[str, Stage]:
+    """Stage name → what it trains; the students start from ``edm``."""
+    out = {"edm": Stage("mnist_edm_cond.yaml", (), label="conditional EDM teacher")}
+    for w in guidance:
+        out[f"cd_w{w:g}"] = Stage("mnist_cd_cond.yaml", (), extra=(f"--model.guidance_scale={w}",), teacher="edm",
+                                  label=f"CD from the teacher guided at w = {w:g}")
+    out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm", teacher_arg="--model.init_from", label="ECT")
+    return out
+
+
+def load(record: dict, stage: Stage):
+    return module_class(stage).load_from_checkpoint(ROOT / record["points"][-1]["path"], map_location="cpu",
+                                                    weights_only=True).eval()
+
+
+def score(name: str, record: dict, stage: Stage, scorer: TwoSpaces, args, write) -> None:
+    """Every score of one stage that its record lacks, each written as soon as it is done."""
+    module, scores = load(record, stage), record.setdefault("scores", {})
+    if name == "edm":  # the plain conditional teacher, then the guidance sweep
+        plan = [(f"{HEUN10}_w1", HEUN10, 1.0, args.num_samples)]
+        plan += [(f"{HEUN10}_w{w:g}_sweep", HEUN10, w, args.guidance_samples) for w in args.guidance]
+    else:
+        plan = [(key_of(module, s), sampler_of(module, s), None, args.num_samples) for s in (ONE_STEP, "default2")]
+    for key, sampler, w, count in plan:
+        if key in scores:
+            continue
+        if w is not None:
+            module.hparams.guidance_scale = w
+        started = time.time()
+        scores[key] = {**scorer(module, sampler, count), "samples": count, "guidance_scale": w}
+        print(f"{name} {key}: {scores[key]} ({time.time() - started:.0f} s)", flush=True)
+        write()
+
+
+def table(data: dict) -> str:
+    lines = ["| stage | sampler | samples | FID `mnist` | FID `net_b` | class accuracy | confidence | training min (CPU min): own / with the teacher's |",
+             "|---|---|---|---|---|---|---|---|"]
+    teacher = data["stages"].get("edm", {}).get("points", [{"train_s": 0, "train_cpu_s": 0}])[-1]
+    for name, record in data["stages"].items():
+        point = record["points"][-1]
+        below = teacher if name != "edm" else {"train_s": 0, "train_cpu_s": 0}
+        minutes = (f"{point['train_s'] / 60:.1f} ({point['train_cpu_s'] / 60:.1f}) / {(point['train_s'] + below['train_s']) / 60:.1f} "
+                   f"({(point['train_cpu_s'] + below['train_cpu_s']) / 60:.1f})")
+        for key, s in record.get("scores", {}).items():
+            sampler = key.removesuffix("_sweep").replace("sigmas_", "σ ").replace("_", ", ")
+            lines.append(f"| {record['label']} | {sampler} | {s['samples']:,} | {s['mnist']:.1f} | {s['net_b']:.2f} | "
+                         f"{s['class_acc']:.1%} | {s['class_confidence']:.3f} | {minutes} |")
+    return "\n".join(lines)
+
+
+def grids(data: dict, all_stages: dict, folder: Path) -> None:
+    """Ten samples of each digit, one row per digit (seed 0): the teacher at Heun 10 (w = 1 and the largest w) and
+    every student at one step, as ``conditional_mnist_<stage>_<sampler>.png``."""
+    for name, record in data["stages"].items():
+        if not (ROOT / record["points"][-1]["path"]).exists():
+            continue
+        module = load(record, all_stages[name])
+        plans = [("heun10_w1", HEUN10, 1.0), (f"heun10_w{max(data['guidance']):g}", HEUN10, max(data["guidance"]))] \
+            if name == "edm" else [("1step", list(ONE_STEP), None)]
+        for tag, sampler, w in plans:
+            if w is not None:
+                module.hparams.guidance_scale = w
+            images, per_row = SampleGrid(num_samples=100)._images(module, sampler)
+            path = folder / f"conditional_mnist_{name}_{tag}.png"
+            save_image(images, path, nrow=per_row, normalize=True, value_range=(-1, 1))
+            print(path, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE))
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--num-samples", type=int, default=10000)
+    parser.add_argument("--guidance-samples", type=int, default=2000)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "conditional_mnist"))
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the results' table (markdown) and stop")
+    parser.add_argument("--grids", action="store_true", help="write the grids of every trained stage and stop")
+    args = parser.parse_args()
+    results, work = Path(args.results), Path(args.work_dir)
+    data = json.loads(results.read_text()) if results.exists() else {"stages": {}, "guidance": args.guidance}
+    all_stages = stages(data["guidance"])
+    if args.table:
+        return print(table(data))
+    if args.grids:
+        return grids(data, all_stages, results.parent)
+    if data["guidance"] != args.guidance:
+        parser.error(f"{results} sweeps guidance {data['guidance']}: pass the same --guidance, or another --results")
+    if any(r["machine"] != machine() for r in data["stages"].values()):
+        parser.error(f"{results} was trained on another machine: a one-run comparison trains on one; pass --results")
+    work.mkdir(parents=True, exist_ok=True)
+    args.points = 1
+
+    def write() -> None:
+        text = (json.dumps(data, indent=2) + "\n").replace(f'"{ROOT}/', '"')
+        atomic_write(results, lambda tmp: tmp.write_text(text))
+
+    for name, stage in all_stages.items():  # the teacher first
+        record = data["stages"].get(name)
+        if record and (ROOT / record["points"][-1]["path"]).exists():
+            continue
+        teacher = str(ROOT / data["stages"]["edm"]["points"][-1]["path"]) if stage.teacher else None
+        started = time.time()
+        points = train(name, args, work, teacher, stage)
+        data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "date": time.strftime("%Y-%m-%d"),
+                                "machine": machine(), "points": points, "stage_wall_s": round(time.time() - started)}
+        write()
+    if args.train_only:
+        return
+    scorer = TwoSpaces(args.data_dir, torch.device("cpu"))
+    for name, stage in all_stages.items():
+        score(name, data["stages"][name], stage, scorer, args, write)
+    print(table(data))
+    print(f"written to {results}")
+
+
+if __name__ == "__main__":
+    main()
