@@ -55,9 +55,11 @@ RUNS = "runs"
 
 # Settings that say how to use a trained network, not what it is: a value the user gave (on the command line or in
 # a --config file) beats the checkpoint's; where the user gave none, the checkpoint's stands, not the default.
-EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "predict_labels", "guidance_scale", "clip_denoised",
-                   "val_num_scales", "val_num_sigmas",
-                   "allow_teacher_change")
+EVALUATION_ARGS = ("eval_weights", "predict_sampler", "predict_seed", "predict_labels", "clip_denoised", "val_num_scales",
+                   "val_num_sigmas", "allow_teacher_change")
+# The same for one class: a diffusion model's guidance is how it samples (for CD and sCD it is the teacher's guidance
+# in training, which a checkpoint keeps like every other training setting).
+EVALUATION_ARGS_OF = {"DiffusionModule": ("guidance_scale",)}
 # Given on the command line, these beat the checkpoint's too (a moved teacher file; its hash is still checked).
 PATH_ARGS = ("teacher",)
 
@@ -96,7 +98,8 @@ class ConsistencyCLI(LightningCLI):
         init_args = model.get("init_args", {}) if model is not None else {}
         given = (self._given.get(subcommand) or {}).get("model") or {}
         given = given.get("init_args") or {}  # (jsonargparse files ``--model.eval_weights`` under init_args)
-        chosen = {k: init_args[k] for k in EVALUATION_ARGS if k in given}
+        evaluation = EVALUATION_ARGS + EVALUATION_ARGS_OF.get(str((model or {}).get("class_path", "")).rpartition(".")[2], ())
+        chosen = {k: init_args[k] for k in evaluation if k in given}
         chosen |= {k: init_args[k] for k in PATH_ARGS if init_args.get(k) is not None}
         try:
             super()._parse_ckpt_path()

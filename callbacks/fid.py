@@ -195,6 +195,7 @@ class FID(Callback):
         self.inception_weights, self.batch_size, self.seed, self.weights = inception_weights, batch_size, seed, weights
         self.kid, self.kid_subsets, self.kid_subset_size = kid, kid_subsets, kid_subset_size
         self._metrics: dict[str, Scores] = {}
+        self._classify = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         given = self.test_samplers if stage == "test" and self.test_samplers else self.samplers
@@ -204,6 +205,9 @@ class FID(Callback):
         if self.feature == "mnist" and shape[0] != 1:
             raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={shape[0]}")
         self._metrics = {pl_module.sampler(s).name: self._metric(shape) for s in self._samplers}
+        classes = getattr(trainer.datamodule, "classes", None) if trainer.datamodule is not None else None
+        # class accuracy: a model of the ten digits, scored by the shipped digit classifier
+        self._classify = pl_module.num_classes == 10 and classes in (None, [str(d) for d in range(10)])
 
     def _metric(self, image_shape: tuple[int, int, int] = (1, 32, 32)) -> Scores:
         extractor, num_features = self._extractor(image_shape)
@@ -251,7 +255,7 @@ class FID(Callback):
                 count = min(self.batch_size, last - start)
                 x = pl_module.sample(count, spec, weights=self.weights, seed=self.seed, first_index=start)
                 labels = pl_module.sampling_labels(None, range(start, start + count))  # the balanced i mod K it used
-                metric.update(x, real=False, labels=labels)
+                metric.update(x, real=False, labels=labels if self._classify else None)
                 bar.update(count)
         return metric.compute()
 

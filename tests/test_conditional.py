@@ -306,3 +306,45 @@ def test_fid_callback_logs_class_accuracy_of_a_conditional_mnist_model(tmp_path,
     acc, confidence = (trainer.callback_metrics[f"val/class_{k}_euler2"].item() for k in ("acc", "confidence"))
     assert 0 <= acc <= 1 and 0 < confidence < 1
     assert fid._metrics["euler2"].classified[0].item() == 20  # every generated image classified once
+
+
+def test_guiding_a_teacher_trained_without_label_dropout_is_refused(tmp_path):
+    teacher = module_checkpoint(tmp_path / "t.ckpt", num_classes=3)  # label_dropout 0: D_∅ never trained
+    student = tiny(ConsistencyDistillationModule, num_classes=3, guidance_scale=2.0, teacher=str(teacher))
+    with pytest.raises(ValueError, match=r"guidance_scale=2.0 guides the teacher .* trained without label dropout"):
+        student.load_teacher()
+    with pytest.warns(UserWarning, match=r"guidance_scale=2.0 with label_dropout=0: .* never trained its unconditional"):
+        tiny(DiffusionModule, num_classes=3, guidance_scale=2.0)
+
+
+def test_guidance_with_one_noise_level_for_the_batch_and_a_single_label():
+    torch.manual_seed(0)
+    module = tiny(DiffusionModule, num_classes=3, label_dropout=0.1, ema_decays=[0.9])
+    randomise(module.online)
+    x, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    shared = module.online(x, torch.tensor([2.0]), class_labels=labels, guidance_scale=2.0)
+    assert torch.allclose(shared, module.online(x, torch.full((4,), 2.0), class_labels=labels, guidance_scale=2.0))
+    assert torch.equal(module.sample(2, seed=0, labels=torch.tensor(1)), module.sample(2, seed=0, labels=[1, 1]))
+    assert torch.equal(module.sample(2, seed=0, labels=np.int64(2)), module.sample(2, seed=0, labels=2))
+
+
+def test_predict_refuses_a_count_per_class_that_is_not_the_number_of_images(tmp_path, fake_mnist):
+    module = tiny(ConsistencyTrainingModule, num_classes=10, image_size=32, predict_labels=3, ema_decays=[0.9])
+    dm = MNISTDataModule(str(fake_mnist), predict_num_samples=20)
+    with pytest.raises(ValueError, match=r"predict_labels=3 asks for 3 images of each of 10 classes.*set it to 30"):
+        make_trainer(tmp_path).predict(module, datamodule=dm)
+
+
+def test_class_accuracy_is_only_for_models_of_the_ten_digits(tmp_path):
+    from callbacks import FID
+    from datamodules import ImageFolderDataModule
+    from tests.helpers import write_images
+
+    for name in ("a", "b", "c"):
+        write_images(tmp_path / "data" / name, 4, (32, 32), mode="L")
+    dm = ImageFolderDataModule(str(tmp_path / "data"), image_size=32, channels=1, batch_size=4, num_workers=0, val_fraction=0.25)
+    m = tiny(DiffusionModule, image_size=32, num_classes=3, eval_weights="online")
+    fid = FID(num_samples=6, samplers=["euler2"], batch_size=6, kid=False)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=1, val_check_interval=1, callbacks=[fid])
+    trainer.fit(m, datamodule=dm)
+    assert "val/fid_euler2" in trainer.callback_metrics and "val/class_acc_euler2" not in trainer.callback_metrics

@@ -112,7 +112,8 @@ def test_ddp_spawn_diffusion_distillation_and_tuning_ranks_share_weights_but_not
     Class-conditional runs: labelled batches, label dropout and a guided teacher keep the ranks equal too."""
     net = {"num_classes": 3} if conditional else {}
     extra = {RecordingDistillation: "teacher", RecordingTuning: "init_from", RecordingContinuous: "teacher"}.get(cls)
-    extra = {extra: str(module_checkpoint(tmp_path / "teacher.ckpt", **net))} if extra else {}
+    teacher = {**net, "label_dropout": 0.1} if conditional else {}  # (guidance needs a teacher trained with it)
+    extra = {extra: str(module_checkpoint(tmp_path / "teacher.ckpt", **teacher))} if extra else {}
     torch.manual_seed(0)
     m = tiny(cls, dropout=0.1, ema_decays=[0.9], **extra, **net, **conditional)
     m.draws, m.folder = [], tmp_path

@@ -52,6 +52,7 @@ def call_network(net: Callable, x: Tensor, c_noise: Tensor, labels: Tensor | Non
         return net(x, c_noise)
     if guidance_scale == 1.0:
         return net(x, c_noise, labels)
+    c_noise = c_noise.reshape(-1).expand(len(x)) if c_noise.numel() == 1 else c_noise  # (one σ for the batch)
     out = net(torch.cat([x, x]), torch.cat([c_noise, c_noise]), torch.cat([labels, torch.full_like(labels, NULL_LABEL)]))
     conditional, unconditional = out.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)

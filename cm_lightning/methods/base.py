@@ -252,6 +252,11 @@ class GenerativeModule(Sampling, LightningModule):
             raise ValueError(f"the network is conditioned on num_classes={self.num_classes} but the data has {classes} "
                              "classes" + (" (a flat image folder: put the images in one sub-folder per class)" if not classes else "")
                              + f": set --model.net.init_args.num_classes {classes}" * bool(classes))
+        per_class, count = self.hparams.get("predict_labels"), getattr(dm, "predict_num_samples", None)
+        if stage == "predict" and isinstance(per_class, int) and count is not None and count != per_class * self.num_classes:
+            raise ValueError(f"predict_labels={per_class} asks for {per_class} images of each of {self.num_classes} classes, "
+                             f"but --data.predict_num_samples is {count}: set it to {per_class * self.num_classes} (a list "
+                             f"such as [{per_class}] is class {per_class} for every image)")
         self._seed = torch.initial_seed()  # seed_everything's seed; a resumed run takes the checkpoint's
 
     def configure_model(self) -> None:

@@ -7,6 +7,7 @@ solver of the probability-flow ODE (``sampling.samplers.ODESampler``), and every
 """
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cm_lightning.core.conditioning import bind_labels, drop_labels
@@ -47,6 +48,10 @@ class DiffusionModule(GenerativeModule):
         if (label_dropout or guidance_scale != 1.0) and not self.num_classes:
             raise ValueError(f"label_dropout={label_dropout} and guidance_scale={guidance_scale} need a class-conditional "
                              f"network: {type(self.online.net).__name__} has num_classes=0 (UNet: --model.net.init_args.num_classes K)")
+        if guidance_scale != 1.0 and not label_dropout:
+            rank_zero_warn(f"guidance_scale={guidance_scale} with label_dropout=0: this model never trained its unconditional "
+                           "branch (no label), so guidance extrapolates from an untrained one; train with "
+                           "--model.label_dropout 0.1")
         self.objective = EDMLoss(p_mean, p_std, self.hparams.sigma_data)
 
     def wrap(self, net: nn.Module) -> EDMDenoiser:

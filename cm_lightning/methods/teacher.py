@@ -48,6 +48,11 @@ class FrozenTeacher:
         if self.hparams.teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
         found = self.read_diffusion_file(self.hparams.teacher, self.hparams.teacher_weights, "teacher")
+        guidance = self.hparams.get("guidance_scale", 1.0)
+        if guidance != 1.0 and not found.hparams.get("label_dropout", 0.0):
+            raise ValueError(f"guidance_scale={guidance} guides the teacher {self.hparams.teacher!r}, which was trained "
+                             "without label dropout: its unconditional branch (no label) never learned anything to guide "
+                             "from. Distil a teacher trained with --model.label_dropout 0.1, or --model.guidance_scale 1")
         teacher = EDMDenoiser(copy.deepcopy(self.online.net), found.hparams.get("sigma_data", 0.5))
         teacher.net.load_state_dict(found.net_state)
         if self.hparams.compile:

@@ -69,7 +69,8 @@ class Sampling:
             return balanced_labels(indices, self.num_classes) if self.num_classes else None
         if not self.num_classes:
             raise ValueError("labels= was given to an unconditional model (its network has num_classes=0)")
-        labels = torch.full((len(indices),), labels) if isinstance(labels, int) else torch.as_tensor(labels)
+        labels = torch.as_tensor(labels)
+        labels = labels.reshape(1).expand(len(indices)) if labels.dim() == 0 else labels  # one class for all
         if len(labels) != len(indices):
             raise ValueError(f"labels= holds {len(labels)} labels for {len(indices)} images")
         return validate_labels(labels, self.num_classes)
