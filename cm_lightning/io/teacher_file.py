@@ -25,7 +25,7 @@ class DiffusionWeights:
     """What a student keeps of a DiffusionModule checkpoint."""
 
     sha256: str
-    hparams: dict  # the teacher's network settings and σ_data (plain data)
+    hparams: dict  # the teacher's network settings, σ_data and label dropout (plain data)
     net_state: dict[str, Tensor]  # F_φ's state dict
 
 
@@ -60,7 +60,7 @@ def read_diffusion_checkpoint(
     net_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not net_state:
         raise ValueError(f"the {role} {str(path)!r} holds no {weights!r} network weights (keys {prefix}*)")
-    return DiffusionWeights(sha256, {k: hparams[k] for k in ("net", "sigma_data") if k in hparams}, net_state)
+    return DiffusionWeights(sha256, {k: hparams[k] for k in ("net", "sigma_data", "label_dropout") if k in hparams}, net_state)
 
 
 def _is_kind(kind, expected: type) -> bool:
