@@ -205,7 +205,7 @@ class FID(Callback):
         if self.feature == "mnist" and shape[0] != 1:
             raise ValueError(f"feature='mnist' needs 1-channel images, the model has channels={shape[0]}")
         self._metrics = {pl_module.sampler(s).name: self._metric(shape) for s in self._samplers}
-        classes = getattr(trainer.datamodule, "classes", None) if trainer.datamodule is not None else None
+        classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
         # class accuracy: a model of the ten digits, scored by the shipped digit classifier
         self._classify = pl_module.num_classes == 10 and classes in (None, [str(d) for d in range(10)])
 
