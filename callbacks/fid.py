@@ -75,8 +75,9 @@ class Scores:
         if labels is not None and self.classifies:
             probs = self.extractor.head(features).float().softmax(1)
             labels = labels.to(probs.device)
-            self.classified += torch.stack([torch.tensor(float(len(labels))), (probs.argmax(1) == labels).sum().double().cpu(),
-                                            probs.gather(1, labels[:, None]).sum().double().cpu()])
+            counts = torch.stack([torch.tensor(float(len(labels)), device=probs.device),
+                                  (probs.argmax(1) == labels).sum().double(), probs.gather(1, labels[:, None]).sum().double()])
+            self.classified = self.classified.to(probs.device) + counts  # on the device: no host read per batch
 
     def reset(self) -> None:
         self.classified.zero_()
@@ -95,19 +96,11 @@ class Scores:
                          fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)])
                 for _ in range(self.kid.subsets)])
             out |= {"kid": values.mean().float(), "kid_std": values.std(unbiased=False).float()}
-        counts = _summed(self.classified)
+        counts = _gathered([self.classified[None]]).sum(0)  # summed over the ranks
         if counts[0] > 0:
             out |= {"class_acc": (counts[1] / counts[0]).float(), "class_confidence": (counts[2] / counts[0]).float()}
         return out
 
-
-def _summed(t: Tensor) -> Tensor:
-    """``t`` summed over the ranks under DDP (itself otherwise)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return t
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, t.cpu())
-    return torch.stack(everyone).sum(0)
 
 
 def _gathered(parts: list[Tensor]) -> Tensor:

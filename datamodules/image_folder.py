@@ -84,11 +84,18 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         self.image_size, self.channels = image_size, channels
         self.random_flip, self.test_dir = random_flip, test_dir
+        self._files: list[Path] | None = None
         try:
-            found = class_folders(data_dir, list_images(data_dir))
+            found = class_folders(data_dir, self.files())
         except FileNotFoundError:  # refused by name in setup, where the images are read
             found = None
         self.classes = sorted(set(found)) if found else []
+
+    def files(self) -> list[Path]:
+        """The training folder's images (``list_images``), listed once."""
+        if self._files is None:
+            self._files = list_images(self.data_dir)
+        return self._files
 
     def _dataset(self, root: str, files: list[Path], flip: bool) -> UInt8Images:
         steps = [v2.Resize(self.image_size), v2.CenterCrop(self.image_size), v2.PILToTensor()]
@@ -110,7 +117,7 @@ class ImageFolderDataModule(ImageDataModule):
     def setup(self, stage: str) -> None:
         if stage == "predict":
             return  # generation reads no images
-        files = list_images(self.data_dir)
+        files = self.files()
         train, val = self.split(range(len(files)))
         if stage in ("fit", "validate"):
             self.train_set = Subset(self._dataset(self.data_dir, files, self.random_flip), train.indices)

@@ -249,10 +249,11 @@ class GenerativeModule(Sampling, LightningModule):
                 raise ValueError(f"the data has {name}={getattr(dm, name)} but the model's network has {name}={mine}")
         classes = getattr(dm, "num_classes", None) if dm is not None and stage != "predict" else None
         if self.num_classes and classes is not None and classes != self.num_classes:
+            fix = f"set --model.net.init_args.num_classes {classes}" if classes else \
+                "a flat image folder: put the images in one sub-folder per class"
             raise ValueError(f"the network is conditioned on num_classes={self.num_classes} but the data has {classes} "
-                             "classes" + (" (a flat image folder: put the images in one sub-folder per class)" if not classes else "")
-                             + f": set --model.net.init_args.num_classes {classes}" * bool(classes))
-        per_class, count = self.hparams.get("predict_labels"), getattr(dm, "predict_num_samples", None)
+                             f"classes: {fix}")
+        per_class, count = self.hparams.predict_labels, getattr(dm, "predict_num_samples", None)
         if stage == "predict" and isinstance(per_class, int) and count is not None and count != per_class * self.num_classes:
             raise ValueError(f"predict_labels={per_class} asks for {per_class} images of each of {self.num_classes} classes, "
                              f"but --data.predict_num_samples is {count}: set it to {per_class * self.num_classes} (a list "

@@ -83,7 +83,7 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
         self.log_weight = LogVarianceHead(h.sigma_data, weight_channels)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.get("guidance_scale", 1.0) != 1.0 and self.hparams.teacher is None:
+        if stage == "fit" and self.hparams.guidance_scale != 1.0 and self.hparams.teacher is None:
             raise ValueError(f"guidance_scale={self.hparams.guidance_scale} guides sCD's teacher, and this run has none "
                              "(sCT): give --model.teacher <DiffusionModule checkpoint>, or --model.guidance_scale 1")
         super().setup(stage)
@@ -109,7 +109,7 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
 
     def guided_teacher(self, labels: Tensor | None):
         """The teacher's F (sCD), conditioned on the labels and guided by ``guidance_scale``."""
-        return self.trigflow(self.teacher(), labels, self.hparams.get("guidance_scale", 1.0))
+        return self.trigflow(self.teacher(), labels, self.hparams.guidance_scale)
 
     def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         z, self._t = self.objective.draw(x)

@@ -60,12 +60,12 @@ class DiffusionModule(GenerativeModule):
     def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """The EDM loss; a conditional model's labels first go through label dropout."""
         if labels is not None:
-            labels = drop_labels(labels, self.hparams.get("label_dropout", 0.0))
+            labels = drop_labels(labels, self.hparams.label_dropout)
         return self.objective(bind_labels(self.online, labels), x)
 
     def sampling_guidance(self) -> float:
         """Classifier-free guidance of Heun / Euler sampling (``guidance_scale``)."""
-        return self.hparams.get("guidance_scale", 1.0)
+        return self.hparams.guidance_scale
 
     def validation_loss(self, x: Tensor, index: Tensor, labels: Tensor | None = None) -> Tensor:
         """The EDM loss of the ``eval_weights`` denoiser at fixed σ (image i: level i mod val_num_sigmas) and noise;

@@ -110,7 +110,7 @@ class ConsistencyDistillationModule(FrozenTeacher, ConsistencyModule):
 
     def conditioned(self, student: nn.Module, target: nn.Module, labels: Tensor | None):
         """Student, target and (guided) teacher, each conditioned on the same labels."""
-        guidance = self.hparams.get("guidance_scale", 1.0)
+        guidance = self.hparams.guidance_scale
         return bind_labels(student, labels), bind_labels(target, labels), bind_labels(self.teacher(), labels, guidance)
 
     def describe_step(self) -> str:

@@ -48,7 +48,7 @@ class FrozenTeacher:
         if self.hparams.teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher: --model.teacher <DiffusionModule last.ckpt>")
         found = self.read_diffusion_file(self.hparams.teacher, self.hparams.teacher_weights, "teacher")
-        guidance = self.hparams.get("guidance_scale", 1.0)
+        guidance = self.hparams.guidance_scale
         if guidance != 1.0 and not found.hparams.get("label_dropout", 0.0):
             raise ValueError(f"guidance_scale={guidance} guides the teacher {self.hparams.teacher!r}, which was trained "
                              "without label dropout: its unconditional branch (no label) never learned anything to guide "

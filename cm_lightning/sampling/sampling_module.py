@@ -60,7 +60,7 @@ class Sampling:
         None for an unconditional model."""
         if not self.num_classes:
             return None
-        return labels_for_indices(indices, self.num_classes, self.hparams.get("predict_labels"))
+        return labels_for_indices(indices, self.num_classes, self.hparams.predict_labels)
 
     def sampling_labels(self, labels, indices: Sequence[int]) -> Tensor | None:
         """Labels of the images of ``indices``: given ones (an int for all, or one per image) checked, else balanced
