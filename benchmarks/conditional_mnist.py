@@ -12,8 +12,8 @@ Scored on class-balanced samples (image i of class i mod 10) against the 10,000 
 feature spaces of ``ablation_mnist.py`` (the shipped classifier's and ``feature_net.py``'s), with the shipped
 classifier's class accuracy and the probability it gives the asked class: the teacher at Heun 10 without guidance
 and each student (one per w) at one and two steps with ``--num-samples``; the teacher at each w with
-``--guidance-samples``. Writes ``results/conditional_mnist.json`` after every stage
-and score; training minutes are wall (and process CPU) minutes.
+``--guidance-samples``. Each stage is scored as soon as it is trained; ``results/conditional_mnist.json`` is
+written after every stage and score; training minutes are wall (and process CPU) minutes.
 """
 
 import argparse
@@ -133,21 +133,20 @@ def main() -> None:
         text = (json.dumps(data, indent=2) + "\n").replace(f'"{ROOT}/', '"')
         atomic_write(results, lambda tmp: tmp.write_text(text))
 
-    for name, stage in all_stages.items():  # the teacher first
+    scorer = None if args.train_only else TwoSpaces(args.data_dir, torch.device("cpu"))
+    for name, stage in all_stages.items():  # the teacher first; each stage scored once trained, so a cut run keeps both
         record = data["stages"].get(name)
-        if record and (ROOT / record["points"][-1]["path"]).exists():
-            continue
-        teacher = str(ROOT / data["stages"]["edm"]["points"][-1]["path"]) if stage.teacher else None
-        started = time.time()
-        points = train(name, args, work, teacher, stage)
-        data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "date": time.strftime("%Y-%m-%d"),
-                                "machine": machine(), "points": points, "stage_wall_s": round(time.time() - started)}
-        write()
+        if not (record and (ROOT / record["points"][-1]["path"]).exists()):
+            teacher = str(ROOT / data["stages"]["edm"]["points"][-1]["path"]) if stage.teacher else None
+            started = time.time()
+            points = train(name, args, work, teacher, stage)
+            data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "date": time.strftime("%Y-%m-%d"),
+                                    "machine": machine(), "points": points, "stage_wall_s": round(time.time() - started)}
+            write()
+        if scorer is not None:
+            score(name, data["stages"][name], stage, scorer, args, write)
     if args.train_only:
         return
-    scorer = TwoSpaces(args.data_dir, torch.device("cpu"))
-    for name, stage in all_stages.items():
-        score(name, data["stages"][name], stage, scorer, args, write)
     print(table(data))
     print(f"written to {results}")
 
