@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, instantiate_class
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks import FinalCheckpoint, GracefulInterrupt, SampleWriter
 from cm_lightning.methods.base import GenerativeModule
@@ -101,6 +101,8 @@ class ConsistencyCLI(LightningCLI):
         evaluation = EVALUATION_ARGS + EVALUATION_ARGS_OF.get(str((model or {}).get("class_path", "")).rpartition(".")[2], ())
         chosen = {k: init_args[k] for k in evaluation if k in given}
         chosen |= {k: init_args[k] for k in PATH_ARGS if init_args.get(k) is not None}
+        overruled = {k: init_args[k] for k in given.keys() if "." not in k and k not in chosen
+                     and not isinstance(init_args.get(k), (dict, Namespace))}
         try:
             super()._parse_ckpt_path()
         except (SystemExit, Exception):  # only then is the file read again, to explain a 0.1 checkpoint
@@ -112,6 +114,11 @@ class ConsistencyCLI(LightningCLI):
             raise
         for key, value in chosen.items():
             self.config[subcommand].model.init_args[key] = value
+        loaded = self.config[subcommand].model.init_args
+        for key, value in overruled.items():  # a training setting given beside a checkpoint: the file's stands, said aloud
+            if key in loaded and loaded[key] != value:
+                rank_zero_warn(f"--model.{key}={value} is ignored: {cfg.ckpt_path} was trained with {key}={loaded[key]}, "
+                               "and a checkpoint keeps its training settings")
 
     def instantiate_classes(self) -> None:
         """Lightning's, once ``--model.sigma_data data`` is the number it stands for."""

@@ -279,6 +279,26 @@ def test_a_conditional_model_refuses_unlabelled_data_or_another_class_count(tmp_
         make_trainer(tmp_path, max_steps=1).fit(module, datamodule=MNISTDataModule(str(fake_mnist)))
 
 
+    module = tiny(DiffusionModule, num_classes=3, ema_decays=[0.9])
+    one_hot = torch.nn.functional.one_hot(torch.arange(4) % 3, 3)
+    with pytest.raises(ValueError, match=r"must be integers of shape \(4,\), one per image; got torch.int64 of shape \(4, 3\)"):
+        module.batch_of([torch.rand(4, 1, 16, 16), one_hot])
+    with pytest.raises(ValueError, match=r"got torch.float32 of shape \(4,\)"):
+        module.batch_of([torch.rand(4, 1, 16, 16), torch.zeros(4)])
+
+
+def test_guidance_is_combined_in_float32_under_bf16():
+    """w > 1 extrapolates: the branches are combined in float32, not in the network's bf16 output."""
+    from cm_lightning.core.conditioning import call_network
+    conditional, unconditional = torch.tensor([1.0 + 2 ** -7]), torch.tensor([1.0])  # both exact in bf16
+
+    def net(x, c_noise, labels):
+        return torch.where(labels >= 0, conditional, unconditional).to(torch.bfloat16).expand(len(x))
+
+    out = call_network(net, torch.zeros(2), torch.zeros(2), torch.tensor([0, 1]), guidance_scale=1.5)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.full((2,), 1.0 + 3 * 2 ** -8))  # bf16 arithmetic rounds 1 + 3·2⁻⁸ (8 fraction bits)
+
 @pytest.mark.slow
 def test_cli_fits_a_guided_teacher_and_predicts_the_asked_class(fake_mnist, tmp_path):
     from cli import main
@@ -287,9 +307,10 @@ def test_cli_fits_a_guided_teacher_and_predicts_the_asked_class(fake_mnist, tmp_
     main(["fit", *tiny_args(fake_mnist, "DiffusionModule"), "--trainer.max_steps=4", "--model.net.num_classes=10",
           "--model.label_dropout=0.2", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0"])
     ckpt = next(tmp_path.rglob("last.ckpt"))
-    main(["predict", *tiny_args(fake_mnist, "DiffusionModule"), "--trainer.logger=false", f"--ckpt_path={ckpt}",
-          "--data.predict_num_samples=5", f"--writer.output_dir={tmp_path / 'sevens'}", "--model.predict_labels=[7]",
-          "--model.guidance_scale=2.0", "--model.predict_sampler=heun3"])
+    with pytest.warns(UserWarning, match=r"--model.label_dropout=0.5 is ignored: .*last.ckpt was trained with label_dropout=0.2"):
+        main(["predict", *tiny_args(fake_mnist, "DiffusionModule"), "--trainer.logger=false", f"--ckpt_path={ckpt}",
+              "--data.predict_num_samples=5", f"--writer.output_dir={tmp_path / 'sevens'}", "--model.predict_labels=[7]",
+              "--model.guidance_scale=2.0", "--model.predict_sampler=heun3", "--model.label_dropout=0.5"])
     with np.load(tmp_path / "sevens" / "samples.npz") as f:
         assert f["arr_0"].shape == (5, 32, 32, 1) and f["arr_1"].tolist() == [7] * 5
 

@@ -54,7 +54,7 @@ def call_network(net: Callable, x: Tensor, c_noise: Tensor, labels: Tensor | Non
         return net(x, c_noise, labels)
     c_noise = c_noise.reshape(-1).expand(len(x)) if c_noise.numel() == 1 else c_noise  # (one σ for the batch)
     out = net(torch.cat([x, x]), torch.cat([c_noise, c_noise]), torch.cat([labels, torch.full_like(labels, NULL_LABEL)]))
-    conditional, unconditional = out.chunk(2)
+    conditional, unconditional = out.float().chunk(2)  # combined in float32: w > 1 extrapolates bf16's rounding too
     return unconditional + guidance_scale * (conditional - unconditional)
 
 

@@ -164,7 +164,11 @@ class GenerativeModule(Sampling, LightningModule):
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise ValueError(f"the network is class-conditional (num_classes={self.num_classes}) but the data yields no "
                              "labels: use a labelled DataModule (MNIST, CIFAR-10, an image folder with class sub-folders)")
-        return x, batch[1].to(x.device, torch.long)
+        labels = batch[1]
+        if labels.dim() != 1 or len(labels) != len(x) or labels.is_floating_point():
+            raise ValueError(f"class labels must be integers of shape ({len(x)},), one per image; got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)} (one-hot labels: pass their argmax)")
+        return x, labels.to(x.device, torch.long)
 
     def network(self, weights: str) -> nn.Module:
         """The network with the named weights: "online", "ema" or "ema_<decay>"."""
