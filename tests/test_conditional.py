@@ -277,8 +277,6 @@ def test_a_conditional_model_refuses_unlabelled_data_or_another_class_count(tmp_
     module = tiny(DiffusionModule, num_classes=3, image_size=32, ema_decays=[0.9])
     with pytest.raises(ValueError, match=r"num_classes=3 but the data has 10 classes: set --model.net.init_args.num_classes 10"):
         make_trainer(tmp_path, max_steps=1).fit(module, datamodule=MNISTDataModule(str(fake_mnist)))
-
-
     module = tiny(DiffusionModule, num_classes=3, ema_decays=[0.9])
     one_hot = torch.nn.functional.one_hot(torch.arange(4) % 3, 3)
     with pytest.raises(ValueError, match=r"must be integers of shape \(4,\), one per image; got torch.int64 of shape \(4, 3\)"):
@@ -298,6 +296,7 @@ def test_guidance_is_combined_in_float32_under_bf16():
     out = call_network(net, torch.zeros(2), torch.zeros(2), torch.tensor([0, 1]), guidance_scale=1.5)
     assert out.dtype == torch.float32
     assert torch.equal(out, torch.full((2,), 1.0 + 3 * 2 ** -8))  # bf16 arithmetic rounds 1 + 3·2⁻⁸ (8 fraction bits)
+
 
 @pytest.mark.slow
 def test_cli_fits_a_guided_teacher_and_predicts_the_asked_class(fake_mnist, tmp_path):
