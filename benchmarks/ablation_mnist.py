@@ -52,7 +52,15 @@ ARMS = {
     # σ_data from the data: the RMS of the 32×32 training pixels in [-1, 1] (0.97; mean −0.80, std 0.55 next to
     # the presets' 0.5), the spread around 0 that EDM's scalings assume
     "sigma_data_rms": ("--model.sigma_data=data",),
+    # the teacher's σ law of EDM2 on ImageNet 64 (P_mean −0.8, P_std 1.6; EDM's −1.2, 1.2 in the preset): σ > 3,
+    # where an MNIST digit's shape is decided, gets 12 % of the samples instead of 3 %; the students keep theirs
+    "sigma_law_edm2": {"edm": ("--model.p_mean=-0.8", "--model.p_std=1.6")},
 }
+
+
+def arm_args(arm: str, base: str) -> tuple:
+    """An arm's arguments for a preset stage: every stage's, or (a dict) those of the named stages only."""
+    return ARMS[arm].get(base, ()) if isinstance(ARMS[arm], dict) else ARMS[arm]
 STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint, argument naming the teacher)
     "edm": ("mnist_edm.yaml", (HEUN10,), None),
     "cd": ("mnist_cd.yaml", (ONE_STEP, "default2"), "--model.teacher"),
@@ -127,7 +135,7 @@ def stage_of(arm: str, stage: str) -> Stage:
         max_steps = k * config["trainer"]["max_steps"]
         warmup = config["model"]["init_args"].get("tangent_warmup_steps")
         extra = extra + ((f"--model.tangent_warmup_steps={k * warmup}",) if warmup else ())
-    return Stage(preset, (), final_samplers=samplers, extra=ARMS[arm] + extra, teacher=teacher_arg and "edm",
+    return Stage(preset, (), final_samplers=samplers, extra=arm_args(arm, base) + extra, teacher=teacher_arg and "edm",
                  teacher_arg=teacher_arg or "--model.teacher", max_steps=max_steps, label=f"{arm}: {stage}")
 
 
@@ -366,7 +374,8 @@ def main() -> None:
                 print(f"{name}: the same weights as the recorded run ({digest[:12]}), its scores are kept", flush=True)
                 if record["points"][-1]["train_s"] < points[-1]["train_s"]:
                     points, started = record["points"], time.time() - record["stage_wall_s"]
-            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(ARMS[arm]), "teacher": f"{arm}_edm" if teacher else None, "teacher_file": source,
+            data["stages"][name] = {"arm": arm, "stage": stage, "args": list(arm_args(arm, base_of(stage)[0])),
+                                    "teacher": f"{arm}_edm" if teacher else None, "teacher_file": source,
                                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
                                     "phema_folder": str(phema), "num_samples": args.num_samples,
                                     "stage_wall_s": round(time.time() - started), "weights_sha256": digest, **kept}

@@ -29,9 +29,11 @@ from common import ROOT, machine
 from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import SampleGrid
 from cm_lightning.io.files import atomic_write
+from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
 
 RESULTS = ROOT / "benchmarks" / "results" / "conditional_mnist.json"
 GUIDANCE = (1.0, 1.5, 2.0, 3.0)
+PROBE_SIGMAS = (80.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.0)
 
 
 def stages(guidance: list[float]) -> dict[str, Stage]:
@@ -41,6 +43,8 @@ def stages(guidance: list[float]) -> dict[str, Stage]:
         out[f"cd_w{w:g}"] = Stage("mnist_cd_cond.yaml", (), extra=(f"--model.guidance_scale={w}",), teacher="edm",
                                   label=f"CD from the teacher guided at w = {w:g}")
     out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm", teacher_arg="--model.init_from", label="ECT")
+    out["edm_p0.8"] = Stage("mnist_edm_cond.yaml", (), extra=("--model.p_mean=-0.8", "--model.p_std=1.6"),
+                            label="conditional EDM teacher, EDM2's σ law (P_mean −0.8, P_std 1.6)")
     return out
 
 
@@ -52,7 +56,7 @@ def load(record: dict, stage: Stage):
 def score(name: str, record: dict, stage: Stage, scorer: TwoSpaces, args, write) -> None:
     """Every score of one stage that its record lacks, each written as soon as it is done."""
     module, scores = load(record, stage), record.setdefault("scores", {})
-    if name == "edm":  # the plain conditional teacher, then the guidance sweep
+    if not stage.teacher:  # a teacher: the plain conditional one, then the guidance sweep
         plan = [(f"{HEUN10}_w1", HEUN10, 1.0, args.num_samples)]
         plan += [(f"{HEUN10}_w{w:g}_sweep", HEUN10, w, args.guidance_samples) for w in args.guidance]
     else:
@@ -68,13 +72,48 @@ def score(name: str, record: dict, stage: Stage, scorer: TwoSpaces, args, write)
         write()
 
 
+@torch.no_grad()
+def label_use(module, data_dir: str, count: int = 1000) -> dict[str, dict[str, float]]:
+    """Where a teacher's label acts, per σ: the shipped classifier's accuracy on D(x + σ n, c) for ``count`` MNIST
+    test images x of class c (conditional), on D(x + σ n, ∅) (no label), and how often D(x + σ n, c + 1 mod 10),
+    the wrong label, is read as that wrong label. At large σ the ideal D(·, c) is the class mean, which the
+    classifier reads right for every digit; the wrong label winning at small σ would mean the image is ignored."""
+    images, labels = mnist_tensors(data_dir, train=False)
+    generator = torch.Generator().manual_seed(0)
+    pick = torch.randperm(len(images), generator=generator)[:count]
+    x0, c = images[pick], labels[pick]
+    wrong, none = (c + 1) % 10, torch.full_like(c, -1)
+    classifier, denoiser = MNISTClassifier.pretrained(), module.network(module.hparams.eval_weights)
+    read = lambda d: torch.cat([classifier.logits(chunk).argmax(1) for chunk in d.split(500)])
+    out = {}
+    for sigma in PROBE_SIGMAS:
+        x = x0 + sigma * torch.randn(x0.shape, generator=generator)
+        s = torch.full((count,), sigma)
+        out[f"{sigma:g}"] = {"acc_label": (read(denoiser(x, s, c)) == c).float().mean().item(),
+                             "acc_no_label": (read(denoiser(x, s, none)) == c).float().mean().item(),
+                             "wrong_label_wins": (read(denoiser(x, s, wrong)) == wrong).float().mean().item()}
+    return out
+
+
+def label_table(data: dict) -> str:
+    """Per teacher and σ: accuracy of D(x_σ, c) / D(x_σ, ∅), and the share the wrong label wins."""
+    teachers = {name: r["label_by_sigma"] for name, r in data["stages"].items() if "label_by_sigma" in r}
+    if not teachers:
+        return ""
+    lines = ["| teacher | " + " | ".join(f"σ = {s:g}" for s in PROBE_SIGMAS) + " |", "|---" * (len(PROBE_SIGMAS) + 1) + "|"]
+    for name, probe in teachers.items():
+        cells = [f"{p['acc_label']:.0%} / {p['acc_no_label']:.0%} / {p['wrong_label_wins']:.0%}" for p in probe.values()]
+        lines.append(f"| {data['stages'][name]['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(data: dict) -> str:
     lines = ["| stage | sampler | samples | FID `mnist` | FID `net_b` | class accuracy | confidence | training min (CPU min): own / with the teacher's |",
              "|---|---|---|---|---|---|---|---|"]
     teacher = data["stages"].get("edm", {}).get("points", [{"train_s": 0, "train_cpu_s": 0}])[-1]
     for name, record in data["stages"].items():
         point = record["points"][-1]
-        below = teacher if name != "edm" else {"train_s": 0, "train_cpu_s": 0}
+        below = teacher if not name.startswith("edm") else {"train_s": 0, "train_cpu_s": 0}
         minutes = (f"{point['train_s'] / 60:.1f} ({point['train_cpu_s'] / 60:.1f}) / {(point['train_s'] + below['train_s']) / 60:.1f} "
                    f"({(point['train_cpu_s'] + below['train_cpu_s']) / 60:.1f})")
         for key, s in record.get("scores", {}).items():
@@ -92,7 +131,7 @@ def grids(data: dict, all_stages: dict, folder: Path) -> None:
             continue
         module = load(record, all_stages[name])
         plans = [("heun10_w1", HEUN10, 1.0), (f"heun10_w{max(data['guidance']):g}", HEUN10, max(data["guidance"]))] \
-            if name == "edm" else [("1step", list(ONE_STEP), None)]
+            if not all_stages[name].teacher else [("1step", list(ONE_STEP), None)]
         for tag, sampler, w in plans:
             if w is not None:
                 module.hparams.guidance_scale = w
@@ -119,7 +158,7 @@ def main() -> None:
     data = json.loads(results.read_text()) if results.exists() else {"stages": {}, "guidance": args.guidance}
     all_stages = stages(data["guidance"])
     if args.table:
-        return print(table(data))
+        return print(table(data), label_table(data), sep="\n\n")
     if args.grids:
         return grids(data, all_stages, results.parent)
     if data["guidance"] != args.guidance:
@@ -145,6 +184,9 @@ def main() -> None:
             write()
         if scorer is not None:
             score(name, data["stages"][name], stage, scorer, args, write)
+            if not stage.teacher and "label_by_sigma" not in data["stages"][name]:
+                data["stages"][name]["label_by_sigma"] = label_use(load(data["stages"][name], stage), args.data_dir)
+                write()
     if args.train_only:
         return
     print(table(data))
