@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "conditional_mnist"))
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                        help="train and score only these, in this order (default: all, the teacher first)")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the results' table (markdown) and stop")
     parser.add_argument("--grids", action="store_true", help="write the grids of every trained stage and stop")
@@ -161,6 +163,9 @@ def main() -> None:
         return print(table(data), label_table(data), sep="\n\n")
     if args.grids:
         return grids(data, all_stages, results.parent)
+    bad = [name for name in args.stages or () if name not in all_stages]
+    if bad:
+        parser.error(f"unknown stage(s) {bad}: choose from {list(all_stages)}")
     if data["guidance"] != args.guidance:
         parser.error(f"{results} sweeps guidance {data['guidance']}: pass the same --guidance, or another --results")
     if any(r["machine"] != machine() for r in data["stages"].values()):
@@ -173,9 +178,12 @@ def main() -> None:
         atomic_write(results, lambda tmp: tmp.write_text(text))
 
     scorer = None if args.train_only else TwoSpaces(args.data_dir, torch.device("cpu"))
-    for name, stage in all_stages.items():  # the teacher first; each stage scored once trained, so a cut run keeps both
+    for name in args.stages or all_stages:  # the teacher first; each stage scored once trained, so a cut run keeps both
+        stage = all_stages[name]
         record = data["stages"].get(name)
         if not (record and (ROOT / record["points"][-1]["path"]).exists()):
+            if stage.teacher and stage.teacher not in data["stages"]:
+                raise SystemExit(f"{name} starts from the teacher {stage.teacher!r}: train it first (--stages {stage.teacher} {name})")
             teacher = str(ROOT / data["stages"]["edm"]["points"][-1]["path"]) if stage.teacher else None
             started = time.time()
             points = train(name, args, work, teacher, stage)
