@@ -112,6 +112,8 @@ def table(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     teacher = data["stages"].get("edm", {}).get("points", [{"train_s": 0, "train_cpu_s": 0}])[-1]
     for name, record in data["stages"].items():
+        if not record["points"]:
+            continue
         point = record["points"][-1]
         below = teacher if not name.startswith("edm") else {"train_s": 0, "train_cpu_s": 0}
         minutes = (f"{point['train_s'] / 60:.1f} ({point['train_cpu_s'] / 60:.1f}) / {(point['train_s'] + below['train_s']) / 60:.1f} "
@@ -127,7 +129,7 @@ def grids(data: dict, all_stages: dict, folder: Path) -> None:
     """Ten samples of each digit, one row per digit (seed 0): the teacher at Heun 10 (w = 1 and the largest w) and
     every student at one step, as ``conditional_mnist_<stage>_<sampler>.png``."""
     for name, record in data["stages"].items():
-        if not (ROOT / record["points"][-1]["path"]).exists():
+        if not (record["points"] and (ROOT / record["points"][-1]["path"]).exists()):
             continue
         module = load(record, all_stages[name])
         plans = [("heun10_w1", HEUN10, 1.0), (f"heun10_w{max(data['guidance']):g}", HEUN10, max(data["guidance"]))] \
@@ -181,7 +183,7 @@ def main() -> None:
     for name in args.stages or all_stages:  # the teacher first; each stage scored once trained, so a cut run keeps both
         stage = all_stages[name]
         record = data["stages"].get(name)
-        if not (record and (ROOT / record["points"][-1]["path"]).exists()):
+        if not (record and record["points"] and (ROOT / record["points"][-1]["path"]).exists()):
             if stage.teacher and stage.teacher not in data["stages"]:
                 raise SystemExit(f"{name} starts from the teacher {stage.teacher!r}: train it first (--stages {stage.teacher} {name})")
             teacher = str(ROOT / data["stages"]["edm"]["points"][-1]["path"]) if stage.teacher else None

@@ -131,6 +131,8 @@ def train(name: str, args, work: Path, teacher: str | None, stage: Stage | None 
     saver = StepCheckpoints(marks, work, name)
     cli.trainer.callbacks[:0] = [*callbacks, saver]  # before the checkpoint callbacks, as Lightning orders them
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if saver.marks:  # stopped early (SIGTERM or Ctrl-C end ``fit`` cleanly): a short run is no result to record
+        raise SystemExit(f"{name} stopped at step {cli.trainer.global_step} of {steps}; nothing recorded for it")
     return saver.saved
 
 
