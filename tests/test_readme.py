@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cli import main
 from cm_lightning.io import post_hoc_ema
@@ -83,5 +84,6 @@ def test_the_conditional_commands(fake_mnist, tmp_path, monkeypatch):
     with np.load(tmp_path / "samples" / "sevens" / "samples.npz") as f:
         assert f["arr_0"].shape == (100, 32, 32, 1) and (f["arr_1"] == 7).all()
     student = torch.load(next(Path("runs/mnist_cd_cond").rglob("last.ckpt")), weights_only=True)
-    assert student["hyper_parameters"]["guidance_scale"] == 1.5
+    preset = yaml.safe_load((ROOT / "configs" / "mnist_cd_cond.yaml").read_text())["model"]["init_args"]
+    assert student["hyper_parameters"]["guidance_scale"] == preset["guidance_scale"] > 1
     assert student["teacher_sha256"] == sha256(Path("runs/mnist_edm_cond/lightning_logs/version_0/checkpoints/last.ckpt"))
