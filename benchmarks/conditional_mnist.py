@@ -45,6 +45,8 @@ def stages(guidance: list[float]) -> dict[str, Stage]:
     out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm", teacher_arg="--model.init_from", label="ECT")
     out["edm_p0.8"] = Stage("mnist_edm_cond.yaml", (), extra=("--model.p_mean=-0.8", "--model.p_std=1.6"),
                             label="conditional EDM teacher, EDM2's σ law (P_mean −0.8, P_std 1.6)")
+    out["cd_w2_p0.8"] = Stage("mnist_cd_cond.yaml", (), extra=("--model.guidance_scale=2",), teacher="edm_p0.8",
+                              label="CD from the EDM2-σ-law teacher guided at w = 2")
     return out
 
 
@@ -110,12 +112,12 @@ def label_table(data: dict) -> str:
 def table(data: dict) -> str:
     lines = ["| stage | sampler | samples | FID `mnist` | FID `net_b` | class accuracy | confidence | training min (CPU min): own / with the teacher's |",
              "|---|---|---|---|---|---|---|---|"]
-    teacher = data["stages"].get("edm", {}).get("points", [{"train_s": 0, "train_cpu_s": 0}])[-1]
     for name, record in data["stages"].items():
         if not record["points"]:
             continue
         point = record["points"][-1]
-        below = teacher if not name.startswith("edm") else {"train_s": 0, "train_cpu_s": 0}
+        teacher = record.get("teacher", None if name.startswith("edm") else "edm")  # older records: the students' is edm
+        below = data["stages"][teacher]["points"][-1] if teacher else {"train_s": 0, "train_cpu_s": 0}
         minutes = (f"{point['train_s'] / 60:.1f} ({point['train_cpu_s'] / 60:.1f}) / {(point['train_s'] + below['train_s']) / 60:.1f} "
                    f"({(point['train_cpu_s'] + below['train_cpu_s']) / 60:.1f})")
         for key, s in record.get("scores", {}).items():
@@ -186,10 +188,11 @@ def main() -> None:
         if not (record and record["points"] and (ROOT / record["points"][-1]["path"]).exists()):
             if stage.teacher and stage.teacher not in data["stages"]:
                 raise SystemExit(f"{name} starts from the teacher {stage.teacher!r}: train it first (--stages {stage.teacher} {name})")
-            teacher = str(ROOT / data["stages"]["edm"]["points"][-1]["path"]) if stage.teacher else None
+            teacher = str(ROOT / data["stages"][stage.teacher]["points"][-1]["path"]) if stage.teacher else None
             started = time.time()
             points = train(name, args, work, teacher, stage)
-            data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "date": time.strftime("%Y-%m-%d"),
+            data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "teacher": stage.teacher,
+                                    "date": time.strftime("%Y-%m-%d"),
                                     "machine": machine(), "points": points, "stage_wall_s": round(time.time() - started)}
             write()
         if scorer is not None:
