@@ -6,8 +6,11 @@ classifier-free guidance does.
     python benchmarks/conditional_mnist.py --grids               # one row per digit, per stage
 
 Trained on this machine as a user's ``fit`` would (validation off): the teacher ``configs/mnist_edm_cond.yaml``
-(label dropout 0.1), a CD student per guidance scale w (``configs/mnist_cd_cond.yaml --model.guidance_scale w``:
-the teacher's ODE step is the guided one) and ECT from the teacher's weights (``configs/mnist_ect_cond.yaml``).
+(label dropout 0.1) with EDM's σ law (P_mean −1.2, P_std 1.2, the preset's before this run) and a CD student per
+guidance scale w from it (``configs/mnist_cd_cond.yaml --model.guidance_scale w``: the teacher's ODE step is the
+guided one); then the preset's teacher (EDM2's σ law, P_mean −0.8, P_std 1.6), the CD student at w = 2 from it,
+and ECT from its weights (``configs/mnist_ect_cond.yaml``). ``--stages`` picks stages. Per teacher, a probe of where
+its label acts (``label_use``).
 Scored on class-balanced samples (image i of class i mod 10) against the 10,000 MNIST test images, in the two
 feature spaces of ``ablation_mnist.py`` (the shipped classifier's and ``feature_net.py``'s), with the shipped
 classifier's class accuracy and the probability it gives the asked class: the teacher at Heun 10 without guidance
@@ -38,13 +41,15 @@ PROBE_SIGMAS = (80.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.0)
 
 def stages(guidance: list[float]) -> dict[str, Stage]:
     """Stage name → what it trains; the students start from ``edm``."""
-    out = {"edm": Stage("mnist_edm_cond.yaml", (), label="conditional EDM teacher")}
+    edm_law = ("--model.p_mean=-1.2", "--model.p_std=1.2")  # the preset's σ law until this run measured EDM2's
+    out = {"edm": Stage("mnist_edm_cond.yaml", (), extra=edm_law, label="conditional EDM teacher, EDM's σ law")}
     for w in guidance:
         out[f"cd_w{w:g}"] = Stage("mnist_cd_cond.yaml", (), extra=(f"--model.guidance_scale={w}",), teacher="edm",
                                   label=f"CD from the teacher guided at w = {w:g}")
-    out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm", teacher_arg="--model.init_from", label="ECT")
+    out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm_p0.8", teacher_arg="--model.init_from",
+                       label="ECT from the EDM2-σ-law teacher")
     out["edm_p0.8"] = Stage("mnist_edm_cond.yaml", (), extra=("--model.p_mean=-0.8", "--model.p_std=1.6"),
-                            label="conditional EDM teacher, EDM2's σ law (P_mean −0.8, P_std 1.6)")
+                            label="conditional EDM teacher, EDM2's σ law (the preset)")
     out["cd_w2_p0.8"] = Stage("mnist_cd_cond.yaml", (), extra=("--model.guidance_scale=2",), teacher="edm_p0.8",
                               label="CD from the EDM2-σ-law teacher guided at w = 2")
     return out
