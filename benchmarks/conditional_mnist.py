@@ -40,18 +40,18 @@ PROBE_SIGMAS = (80.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.0)
 
 
 def stages(guidance: list[float]) -> dict[str, Stage]:
-    """Stage name → what it trains; the students start from ``edm``."""
+    """Stage name → what it trains, in the run's order; each student starts from its ``teacher`` stage."""
     edm_law = ("--model.p_mean=-1.2", "--model.p_std=1.2")  # the preset's σ law until this run measured EDM2's
     out = {"edm": Stage("mnist_edm_cond.yaml", (), extra=edm_law, label="conditional EDM teacher, EDM's σ law")}
     for w in guidance:
         out[f"cd_w{w:g}"] = Stage("mnist_cd_cond.yaml", (), extra=(f"--model.guidance_scale={w}",), teacher="edm",
                                   label=f"CD from the teacher guided at w = {w:g}")
-    out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm_p0.8", teacher_arg="--model.init_from",
-                       label="ECT from the EDM2-σ-law teacher")
     out["edm_p0.8"] = Stage("mnist_edm_cond.yaml", (), extra=("--model.p_mean=-0.8", "--model.p_std=1.6"),
                             label="conditional EDM teacher, EDM2's σ law (the preset)")
     out["cd_w2_p0.8"] = Stage("mnist_cd_cond.yaml", (), extra=("--model.guidance_scale=2",), teacher="edm_p0.8",
                               label="CD from the EDM2-σ-law teacher guided at w = 2")
+    out["ect"] = Stage("mnist_ect_cond.yaml", (), teacher="edm_p0.8", teacher_arg="--model.init_from",
+                       label="ECT from the EDM2-σ-law teacher")
     return out
 
 
