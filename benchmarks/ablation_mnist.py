@@ -61,6 +61,8 @@ ARMS = {
 def arm_args(arm: str, base: str) -> tuple:
     """An arm's arguments for a preset stage: every stage's, or (a dict) those of the named stages only."""
     return ARMS[arm].get(base, ()) if isinstance(ARMS[arm], dict) else ARMS[arm]
+
+
 STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint, argument naming the teacher)
     "edm": ("mnist_edm.yaml", (HEUN10,), None),
     "cd": ("mnist_cd.yaml", (ONE_STEP, "default2"), "--model.teacher"),

@@ -114,14 +114,14 @@ def label_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def table(data: dict) -> str:
+def table(data: dict, all_stages: dict) -> str:
     lines = ["| stage | sampler | samples | FID `mnist` | FID `net_b` | class accuracy | confidence | training min (CPU min): own / with the teacher's |",
              "|---|---|---|---|---|---|---|---|"]
     for name, record in data["stages"].items():
         if not record["points"]:
             continue
         point = record["points"][-1]
-        teacher = record.get("teacher", None if name.startswith("edm") else "edm")  # older records: the students' is edm
+        teacher = all_stages[name].teacher
         below = data["stages"][teacher]["points"][-1] if teacher else {"train_s": 0, "train_cpu_s": 0}
         minutes = (f"{point['train_s'] / 60:.1f} ({point['train_cpu_s'] / 60:.1f}) / {(point['train_s'] + below['train_s']) / 60:.1f} "
                    f"({(point['train_cpu_s'] + below['train_cpu_s']) / 60:.1f})")
@@ -169,7 +169,7 @@ def main() -> None:
     data = json.loads(results.read_text()) if results.exists() else {"stages": {}, "guidance": args.guidance}
     all_stages = stages(data["guidance"])
     if args.table:
-        return print(table(data), label_table(data), sep="\n\n")
+        return print(table(data, all_stages), label_table(data), sep="\n\n")
     if args.grids:
         return grids(data, all_stages, results.parent)
     bad = [name for name in args.stages or () if name not in all_stages]
@@ -196,8 +196,7 @@ def main() -> None:
             teacher = str(ROOT / data["stages"][stage.teacher]["points"][-1]["path"]) if stage.teacher else None
             started = time.time()
             points = train(name, args, work, teacher, stage)
-            data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "teacher": stage.teacher,
-                                    "date": time.strftime("%Y-%m-%d"),
+            data["stages"][name] = {"label": stage.label, "args": list(stage.extra), "date": time.strftime("%Y-%m-%d"),
                                     "machine": machine(), "points": points, "stage_wall_s": round(time.time() - started)}
             write()
         if scorer is not None:
@@ -207,7 +206,7 @@ def main() -> None:
                 write()
     if args.train_only:
         return
-    print(table(data))
+    print(table(data, all_stages))
     print(f"written to {results}")
 
 
