@@ -6,11 +6,13 @@ scored in two feature spaces.
     python benchmarks/ablation_mnist.py --score-only                             # finish an interrupted scoring
 
 An *arm* is a set of arguments given to the teacher and to its students alike (the network must match): the
-noise embedding (DESIGN §2.7), σ_data, …; ``fourier16`` is today's presets unchanged. Per arm, ``edm`` trains the
-``mnist_edm`` teacher, ``cd`` distils it (``mnist_cd``) and ``ect`` tunes it (``mnist_ect``), ``ict`` trains the
+noise embedding (DESIGN §2.7), σ_data, …; ``fourier16`` is the presets as they were before the teacher took
+EDM2's σ law (``sigma_law_edm2``, the ``mnist_edm`` preset's since; ``EDM_LAW_ARMS`` keep EDM's). Per arm,
+``edm`` trains the ``mnist_edm`` teacher, ``cd`` distils it (``mnist_cd``) and ``ect`` tunes it (``mnist_ect``), ``ict`` trains the
 quick-start from scratch (the comparison a teacher path must beat), ``sct`` and ``scd`` the continuous-time
 students (``mnist_sct`` from the teacher's weights, ``mnist_scd`` from its velocity), each at its preset's
-length with the ``PostHocEMA`` callback on, as a user's ``fit`` would. A stage already trained in an earlier run
+length with the ``PostHocEMA`` callback on, as a user's ``fit`` would; ``edm_short`` and ``ect_short`` are the
+budget table's ~15-minute path (the teacher for 1,500 steps, ECT for 1,000 from it). A stage already trained in an earlier run
 (its record and checkpoint exist) is not trained again, so arms and stages can be added run after run; training
 times are recorded per stage (a student's total includes its teacher's).
 
@@ -35,7 +37,7 @@ import torch
 
 from common import ROOT, machine
 from feature_net import load as load_feature_net
-from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
+from quality_mnist import EDM_LAW, HEUN10, ONE_STEP, Stage, module_class, train
 from quality_mnist import preset as preset_config
 from callbacks import PostHocEMA
 from callbacks.fid import Scores
@@ -52,15 +54,23 @@ ARMS = {
     # σ_data from the data: the RMS of the 32×32 training pixels in [-1, 1] (0.97; mean −0.80, std 0.55 next to
     # the presets' 0.5), the spread around 0 that EDM's scalings assume
     "sigma_data_rms": ("--model.sigma_data=data",),
-    # the teacher's σ law of EDM2 on ImageNet 64 (P_mean −0.8, P_std 1.6; EDM's −1.2, 1.2 in the preset): σ > 3,
-    # where an MNIST digit's shape is decided, gets 12 % of the samples instead of 3 %; the students keep theirs
+    # the teacher's σ law of EDM2 on ImageNet 64 (P_mean −0.8, P_std 1.6; EDM's −1.2, 1.2 before): σ > 3, where an
+    # MNIST digit's shape is decided, gets 12 % of the samples instead of 3 %; the students keep theirs. It won
+    # (teacher and students, both feature spaces): the ``mnist_edm`` preset's law since 2026-12-03
     "sigma_law_edm2": {"edm": ("--model.p_mean=-0.8", "--model.p_std=1.6")},
 }
 
 
+# the arms whose teachers were trained with EDM's σ law, the ``mnist_edm`` preset's until ``sigma_law_edm2`` won
+# (2026-12-03): pinned so that a rerun reproduces them now that the preset has EDM2's; later arms build on the winner
+EDM_LAW_ARMS = ("fourier16", "fourier0.02", "positional_edm")
+
+
 def arm_args(arm: str, base: str) -> tuple:
-    """An arm's arguments for a preset stage: every stage's, or (a dict) those of the named stages only."""
-    return ARMS[arm].get(base, ()) if isinstance(ARMS[arm], dict) else ARMS[arm]
+    """An arm's arguments for a preset stage: every stage's, or (a dict) those of the named stages only, after
+    ``EDM_LAW`` for the teachers of ``EDM_LAW_ARMS``."""
+    args = ARMS[arm].get(base, ()) if isinstance(ARMS[arm], dict) else ARMS[arm]
+    return (*EDM_LAW, *args) if base == "edm" and arm in EDM_LAW_ARMS else args
 
 
 STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint, argument naming the teacher)
@@ -83,13 +93,26 @@ VARIANTS = {
     "sct_noprior": ("sct", ("--model.prior_weight=false",)),
     "scd_noprior": ("scd", ("--model.prior_weight=false",)),
     **{f"{base}_x{k}": (base, ()) for base in ("sct", "scd", "ect", "cd") for k in (2, 4)},
+    # the ~15-minute path of the README's budget table: half the teacher (its cosine decay ends there), then ECT
+    # for 1,000 steps from it, against the quick-start (``ict``) from scratch
+    "edm_short": ("edm", ()),
+    "ect_short": ("ect", ()),
+    # the quick-start at the short path's 15.2 minutes (teacher included, 2026-12-03): 1,950 steps at the 128
+    # steps/min that its full 3,400 steps ran at alone on the same machine that day (its cosine decay fitted)
+    "ict_short": ("ict", ()),
 }
+SHORT = {"edm_short": 1500, "ect_short": 1000, "ict_short": 1950}  # stage → its length in steps (schedules follow)
+
+
+def teacher_of(stage: str) -> str:
+    """The teacher stage a student stage starts from."""
+    return "edm_short" if stage == "ect_short" else "edm"
 
 
 def teacher_path(arm: str, stage: str, data: dict, work: Path) -> Path:
     """The teacher file a student stage starts from: the teacher's final checkpoint, or for ``*_phema`` stages
     that checkpoint with the teacher's best σ_rel reconstructed in its evaluation weights (written once)."""
-    teacher = data["stages"][f"{arm}_edm"]
+    teacher = data["stages"][f"{arm}_{teacher_of(stage)}"]
     final = ROOT / teacher["points"][-1]["path"]
     if not stage.endswith("_phema"):
         return final
@@ -131,13 +154,13 @@ def length_of(stage: str) -> int:
 def stage_of(arm: str, stage: str) -> Stage:
     base, extra = base_of(stage)
     preset, samplers, teacher_arg = STAGE_PRESETS[base]
-    k, max_steps = length_of(stage), None
+    k, max_steps = length_of(stage), SHORT.get(stage)
     if k > 1:  # every step count of the preset stretched: the warm-up stays the same fraction of the run
         config = preset_config(Stage(preset, ()))
         max_steps = k * config["trainer"]["max_steps"]
         warmup = config["model"]["init_args"].get("tangent_warmup_steps")
         extra = extra + ((f"--model.tangent_warmup_steps={k * warmup}",) if warmup else ())
-    return Stage(preset, (), final_samplers=samplers, extra=arm_args(arm, base) + extra, teacher=teacher_arg and "edm",
+    return Stage(preset, (), final_samplers=samplers, extra=arm_args(arm, base) + extra, teacher=teacher_arg and teacher_of(stage),
                  teacher_arg=teacher_arg or "--model.teacher", max_steps=max_steps, label=f"{arm}: {stage}")
 
 
@@ -274,7 +297,7 @@ def table(data: dict) -> str:
              "training min (CPU min): own / with the teacher's |", "|---|---|---|---|---|---|---|"]
     stages = data["stages"]
     for name, record in stages.items():
-        teacher = stages.get(record["teacher"] or "", record if record["stage"] == "edm" else None)
+        teacher = stages.get(record["teacher"] or "", record if base_of(record["stage"])[0] == "edm" else None)
         scored = rows_of(teacher) if teacher else []
         best = {space: min(fid[space] for _, fid in scored) for space in ("mnist", "net_b")} if scored else None
         point = record["points"][-1]
@@ -320,6 +343,8 @@ def main() -> None:
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=list(SIGMA_RELS))
     parser.add_argument("--skip-phema", action="store_true", help="no post-hoc EMA sweep")
     parser.add_argument("--skip-search", action="store_true", help="no two-step level search (later: --score-only)")
+    parser.add_argument("--skip-teachers", action="store_true",
+                        help="score no teacher (Heun 10 is the costly score; later: --score-only)")
     parser.add_argument("--start-levels", type=float, nargs="*", default=[], metavar="SIGMA",
                         help="students: also one step from each of these σ (--sweep-samples images, classifier features)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on each preset's steps (a smoke run)")
@@ -359,9 +384,10 @@ def main() -> None:
             if record and Path(ROOT / record["points"][-1]["path"]).exists():
                 continue  # trained by an earlier run
             needs_teacher = STAGE_PRESETS[base_of(stage)[0]][2] is not None
-            teacher = data["stages"].get(f"{arm}_edm") if needs_teacher else None
+            teacher = data["stages"].get(f"{arm}_{teacher_of(stage)}") if needs_teacher else None
             if needs_teacher and teacher is None:
-                parser.error(f"{name} needs its teacher: add edm to --stages (or train {arm}_edm first)")
+                parser.error(f"{name} needs its teacher: add {teacher_of(stage)} to --stages (or train "
+                             f"{arm}_{teacher_of(stage)} first)")
             phema = work / name / "post_hoc_ema"
             if phema.exists():  # an interrupted earlier attempt: its snapshots belong to no recorded run
                 for old in phema.glob("phema-*.pt"):
@@ -377,14 +403,14 @@ def main() -> None:
                 if record["points"][-1]["train_s"] < points[-1]["train_s"]:
                     points, started = record["points"], time.time() - record["stage_wall_s"]
             data["stages"][name] = {"arm": arm, "stage": stage, "args": list(arm_args(arm, base_of(stage)[0])),
-                                    "teacher": f"{arm}_edm" if teacher else None, "teacher_file": source,
+                                    "teacher": f"{arm}_{teacher_of(stage)}" if teacher else None, "teacher_file": source,
                                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points,
                                     "phema_folder": str(phema), "num_samples": args.num_samples,
                                     "stage_wall_s": round(time.time() - started), "weights_sha256": digest, **kept}
             write()
     scorer = TwoSpaces(args.data_dir, torch.device("cpu"))
     for arm, stage in todo:
-        if f"{arm}_{stage}" in data["stages"]:
+        if f"{arm}_{stage}" in data["stages"] and not (args.skip_teachers and base_of(stage)[0] == "edm"):
             score_stage(f"{arm}_{stage}", data["stages"][f"{arm}_{stage}"], stage, scorer, args, write)
     print(f"written to {results}")
 

@@ -29,7 +29,7 @@ from torchvision.utils import save_image
 
 from ablation_mnist import TwoSpaces, key_of, sampler_of
 from common import ROOT, machine
-from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
+from quality_mnist import EDM_LAW, HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import SampleGrid
 from cm_lightning.io.files import atomic_write
 from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
@@ -41,8 +41,8 @@ PROBE_SIGMAS = (80.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.0)
 
 def stages(guidance: list[float]) -> dict[str, Stage]:
     """Stage name → what it trains, in the run's order; each student starts from its ``teacher`` stage."""
-    edm_law = ("--model.p_mean=-1.2", "--model.p_std=1.2")  # the preset's σ law until this run measured EDM2's
-    out = {"edm": Stage("mnist_edm_cond.yaml", (), extra=edm_law, label="conditional EDM teacher, EDM's σ law")}
+    # EDM's σ law, the preset's until this run measured EDM2's
+    out = {"edm": Stage("mnist_edm_cond.yaml", (), extra=EDM_LAW, label="conditional EDM teacher, EDM's σ law")}
     for w in guidance:
         out[f"cd_w{w:g}"] = Stage("mnist_cd_cond.yaml", (), extra=(f"--model.guidance_scale={w}",), teacher="edm",
                                   label=f"CD from the teacher guided at w = {w:g}")
