@@ -1,7 +1,7 @@
 """The ablation's arms and stages: what each trains, with which arguments, from which teacher (``ablation_mnist.py``
 runs and scores them)."""
 
-from quality_mnist import EDM_LAW, HEUN10, ONE_STEP, Stage
+from quality_mnist import EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, Stage
 from quality_mnist import preset as preset_config
 
 ARMS = {
@@ -14,7 +14,7 @@ ARMS = {
     # the teacher's σ law of EDM2 on ImageNet 64 (P_mean −0.8, P_std 1.6; EDM's −1.2, 1.2 before): σ > 3, where an
     # MNIST digit's shape is decided, gets 12 % of the samples instead of 3 %; the students keep theirs. It won
     # (teacher and students, both feature spaces): the ``mnist_edm`` preset's law since 2026-12-03
-    "sigma_law_edm2": {"edm": ("--model.p_mean=-0.8", "--model.p_std=1.6")},
+    "sigma_law_edm2": {"edm": EDM2_LAW},
 }
 
 

@@ -29,7 +29,7 @@ from torchvision.utils import save_image
 
 from ablation_mnist import TwoSpaces, key_of, sampler_of
 from common import ROOT, machine
-from quality_mnist import EDM_LAW, HEUN10, ONE_STEP, Stage, module_class, train
+from quality_mnist import EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import SampleGrid
 from cm_lightning.io.files import atomic_write
 from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
@@ -46,7 +46,7 @@ def stages(guidance: list[float]) -> dict[str, Stage]:
     for w in guidance:
         out[f"cd_w{w:g}"] = Stage("mnist_cd_cond.yaml", (), extra=(f"--model.guidance_scale={w}",), teacher="edm",
                                   label=f"CD from the teacher guided at w = {w:g}")
-    out["edm_p0.8"] = Stage("mnist_edm_cond.yaml", (), extra=("--model.p_mean=-0.8", "--model.p_std=1.6"),
+    out["edm_p0.8"] = Stage("mnist_edm_cond.yaml", (), extra=EDM2_LAW,
                             label="conditional EDM teacher, EDM2's σ law (the preset)")
     out["cd_w2_p0.8"] = Stage("mnist_cd_cond.yaml", (), extra=("--model.guidance_scale=2",), teacher="edm_p0.8",
                               label="CD from the EDM2-σ-law teacher guided at w = 2")

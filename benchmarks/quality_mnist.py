@@ -60,6 +60,7 @@ class Stage:
 
 
 EDM_LAW = ("--model.p_mean=-1.2", "--model.p_std=1.2")  # EDM's σ law (Table 1); mnist_edm has EDM2's since 2026-12-03
+EDM2_LAW = ("--model.p_mean=-0.8", "--model.p_std=1.6")  # EDM2's σ law on ImageNet 64, the mnist_edm preset's
 STAGES = {
     "ict": Stage("mnist_quickstart.yaml", (ONE_STEP, TWO_STEPS), label="iCT (quick-start)"),
     "ct": Stage("mnist_ct.yaml", (ONE_STEP, TWO_STEPS), label="CT (mnist_ct)"),
