@@ -37,7 +37,7 @@ import torch
 
 from common import ROOT, machine
 from feature_net import load as load_feature_net
-from ablation_stages import ARMS, STAGE_PRESETS, VARIANTS, base_of, stage_of, teacher_of
+from ablation_stages import ARMS, STAGE_PRESETS, VARIANTS, arm_args, base_of, stage_of, teacher_of
 from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import PostHocEMA
 from callbacks.fid import Scores
