@@ -1,7 +1,7 @@
 """The ablation's arms and stages: what each trains, with which arguments, from which teacher (``ablation_mnist.py``
 runs and scores them)."""
 
-from quality_mnist import EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, Stage
+from quality_mnist import EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, STAGES, Stage
 from quality_mnist import preset as preset_config
 
 ARMS = {
@@ -58,7 +58,8 @@ VARIANTS = {
     # steps/min that its full 3,400 steps ran at alone on the same machine that day (its cosine decay fitted)
     "ict_short": ("ict", ()),
 }
-SHORT = {"edm_short": 1500, "ect_short": 1000, "ict_short": 1950}  # stage → its length in steps (schedules follow)
+# stage → its length in steps (schedules follow); the ~15-minute path's as the budget table defines it
+SHORT = {"edm_short": STAGES["edm_short"].max_steps, "ect_short": STAGES["ect_short"].max_steps, "ict_short": 1950}
 
 
 def teacher_of(stage: str) -> str:
