@@ -9,7 +9,7 @@ the training time up to each (wall seconds on this machine and the process's CPU
 writing excluded). ``cd`` distils and ``ect`` tunes the final checkpoint of ``edm``, trained in the
 same run, and the teacher's training time is counted in their totals. Afterwards each checkpoint is scored with FID
 (10,000 samples against the 10,000 MNIST test images, the shipped classifier's features): one and two
-steps for consistency models, Heun with 10 steps (19 network evaluations; it scored better than Heun 18
+steps for consistency models (CD also at its own default two steps, its trained level nearest 0.8), Heun with 10 steps (19 network evaluations; it scored better than Heun 18
 on the teacher, 142.0 vs 144.7) for the teacher's final checkpoint only (10,000 Heun samples cost
 about half as much as training the teacher).
 
@@ -45,6 +45,7 @@ from datamodules import MNISTDataModule
 
 RESULTS = ROOT / "benchmarks" / "results"
 ONE_STEP, TWO_STEPS, HEUN10 = (80.0,), (80.0, 0.8), "heun10"
+DEFAULT2 = "default2"  # the model's own two-step sampler (``eval_samplers``), scored as ``fid_2step_default``
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,10 @@ EDM2_LAW = ("--model.p_mean=-0.8", "--model.p_std=1.6")  # EDM2's σ law on Imag
 STAGES = {
     "ict": Stage("mnist_quickstart.yaml", (ONE_STEP, TWO_STEPS), label="iCT (quick-start)"),
     "ct": Stage("mnist_ct.yaml", (ONE_STEP, TWO_STEPS), label="CT (mnist_ct)"),
-    # the teachers with EDM's σ law, the preset's when this table was measured (EDM2's since: ablation_mnist.py);
-    # drop ``extra`` to measure the table again with today's preset
-    "edm": Stage("mnist_edm.yaml", (), final_samplers=(HEUN10,), extra=EDM_LAW, label="EDM teacher"),
-    "cd": Stage("mnist_cd.yaml", (ONE_STEP, TWO_STEPS), teacher="edm", label="CD from the teacher"),
+    # the teacher as the preset sets it (EDM2's σ law since 2026-12-03; the table of 2026-11-30 pinned EDM_LAW)
+    "edm": Stage("mnist_edm.yaml", (), final_samplers=(HEUN10,), label="EDM teacher"),
+    # CD also at its own default two steps (``cm-lightning test``'s: the trained level nearest 0.8, 1.0882)
+    "cd": Stage("mnist_cd.yaml", (ONE_STEP, TWO_STEPS, DEFAULT2), teacher="edm", label="CD from the teacher"),
     "ect": Stage("mnist_ect.yaml", (ONE_STEP, TWO_STEPS), teacher="edm", teacher_arg="--model.init_from",
                  label="ECT from the teacher"),
     # the continuous-time methods (sCT from the teacher's weights, sCD from the teacher), second level σ_d tan 1.1
@@ -75,7 +76,7 @@ STAGES = {
                  label="sCT from the teacher's weights"),
     "scd": Stage("mnist_scd.yaml", (ONE_STEP, (80.0, 0.9824)), teacher="edm", label="sCD from the teacher"),
     # the ~15-minute path: half the teacher, then a short tuning
-    "edm_short": Stage("mnist_edm.yaml", (), final_samplers=(HEUN10,), extra=EDM_LAW, max_steps=1500,
+    "edm_short": Stage("mnist_edm.yaml", (), final_samplers=(HEUN10,), max_steps=1500,
                        label="EDM teacher, 1,500 steps"),
     "ect_short": Stage("mnist_ect.yaml", (ONE_STEP, TWO_STEPS), teacher="edm_short", teacher_arg="--model.init_from",
                        max_steps=1000, label="ECT 1,000 steps from the short teacher"),
@@ -142,24 +143,34 @@ def train(name: str, args, work: Path, teacher: str | None, stage: Stage | None 
 
 
 def fid_key(sampler) -> str:
-    """The key the FID callback logs a sampler's score under, without the ``test/`` prefix."""
+    """The key a sampler's score is recorded under (the FID callback's, without the ``test/`` prefix)."""
+    if sampler == DEFAULT2:
+        return "fid_2step_default"
     return f"fid_{sampler}" if isinstance(sampler, str) else f"fid_{len(sampler)}step"
 
 
-def evaluate(name: str, path: str, samplers: tuple, args) -> dict[str, float]:
+def evaluate(name: str, path: str, samplers: tuple, args) -> dict:
+    """FID of each sampler; ``DEFAULT2`` in a pass of its own (its name would be another two-step's), recorded
+    with its σ levels."""
+    path = ROOT / path  # the results file keeps paths relative to the repository (an absolute one stays)
     module = module_class(STAGES[name]).load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    fid = FID(num_samples=args.num_samples, samplers=[list(s) if isinstance(s, tuple) else s for s in samplers],
-              feature="mnist", batch_size=500)
-    trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_test_batches=1, callbacks=[fid])
-    (result,) = trainer.test(module, datamodule=MNISTDataModule(args.data_dir, batch_size=500), verbose=False)
-    return {k.removeprefix("test/"): round(v, 2) for k, v in result.items() if "fid" in k}
+    out, plain = {}, [list(s) if isinstance(s, tuple) else s for s in samplers if s != DEFAULT2]
+    passes = ([(plain, "")] if plain else []) + ([([module.eval_samplers[1]], "_default")] if DEFAULT2 in samplers else [])
+    for given, suffix in passes:
+        fid = FID(num_samples=args.num_samples, samplers=given, feature="mnist", batch_size=500)
+        trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_test_batches=1, callbacks=[fid])
+        (result,) = trainer.test(module, datamodule=MNISTDataModule(args.data_dir, batch_size=500), verbose=False)
+        out |= {k.removeprefix("test/") + suffix: round(v, 2) for k, v in result.items() if "fid" in k}
+        if suffix:
+            out["default2_sigmas"] = [round(s, 4) for s in given[0]]
+    return out
 
 
 def save_grids(name: str, path: str, results: Path) -> None:
     stage = STAGES[name]
     module = module_class(stage).load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    for sampler in stage.samplers + stage.final_samplers:
+    for sampler in (s for s in stage.samplers + stage.final_samplers if s != DEFAULT2):
         tag = sampler if isinstance(sampler, str) else f"{len(sampler)}step"
         x = module.sample(64, sampler, seed=0)
         save_image(x, results / f"quality_mnist_{name}_{tag}.png", nrow=8, normalize=True, value_range=(-1, 1))
