@@ -9,9 +9,9 @@ the training time up to each (wall seconds on this machine and the process's CPU
 writing excluded). ``cd`` distils and ``ect`` tunes the final checkpoint of ``edm``, trained in the
 same run, and the teacher's training time is counted in their totals. Afterwards each checkpoint is scored with FID
 (10,000 samples against the 10,000 MNIST test images, the shipped classifier's features): one and two
-steps for consistency models (CD also at its own default two steps, its trained level nearest 0.8), Heun with 10 steps (19 network evaluations; it scored better than Heun 18
-on the teacher, 142.0 vs 144.7) for the teacher's final checkpoint only (10,000 Heun samples cost
-about half as much as training the teacher).
+steps for consistency models (CD also at its own default two steps, its trained level nearest 0.8), Heun with
+10 steps (19 network evaluations; it scored better than Heun 18 on the teacher, 142.0 vs 144.7) for the
+teacher's final checkpoint only (10,000 Heun samples cost about half as much as training the teacher).
 
 Stages:
     ict  configs/mnist_quickstart.yaml (the quick-start)
