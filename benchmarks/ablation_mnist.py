@@ -38,7 +38,7 @@ import torch
 from common import ROOT, machine
 from feature_net import load as load_feature_net
 from ablation_stages import ARMS, STAGE_PRESETS, VARIANTS, arm_args, base_of, stage_of, teacher_of
-from quality_mnist import HEUN10, ONE_STEP, Stage, module_class, train
+from quality_mnist import DEFAULT2, HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import PostHocEMA
 from callbacks.fid import Scores
 from cm_lightning.io.files import atomic_write
@@ -114,7 +114,7 @@ class TwoSpaces:
 
 def sampler_of(module, sampler):
     """``default2``: the model's own two-step schedule (CD: its trained level nearest 0.8)."""
-    if sampler == "default2":
+    if sampler == DEFAULT2:
         return next(s for s in module.eval_samplers if not isinstance(s, str) and len(s) == 2)
     return list(sampler) if isinstance(sampler, tuple) else sampler
 
@@ -126,7 +126,7 @@ def key_of(module, sampler) -> str:
 
 # post-hoc EMA per stage: (sampler the σ_rel sweep scores, sampler the best σ_rel is then scored with, record key)
 PHEMA = {"edm": (("heun5", HEUN10, "phema_best"),),
-         "student": ((ONE_STEP, ONE_STEP, "phema_best_1step"), ("default2", "default2", "phema_best_2step"))}
+         "student": ((ONE_STEP, ONE_STEP, "phema_best_1step"), (DEFAULT2, DEFAULT2, "phema_best_2step"))}
 
 
 def score_stage(name: str, record: dict, stage: str, scorer: TwoSpaces, args, write) -> None:
@@ -240,7 +240,7 @@ def save_grids(data: dict, folder: Path) -> None:
         module = module_class(Stage(STAGE_PRESETS[base][0], ())).load_from_checkpoint(path, map_location="cpu",
                                                                                       weights_only=True).eval()
         samplers = {"heun10": HEUN10} if base == "edm" else {
-            "1step": ONE_STEP, "2step": record.get("searched2", {}).get("schedule") or "default2"}
+            "1step": ONE_STEP, "2step": record.get("searched2", {}).get("schedule") or DEFAULT2}
         for tag, sampler in samplers.items():
             with torch.no_grad():
                 x = module.sample(64, sampler_of(module, sampler), seed=0)

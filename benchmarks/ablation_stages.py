@@ -1,7 +1,7 @@
 """The ablation's arms and stages: what each trains, with which arguments, from which teacher (``ablation_mnist.py``
 runs and scores them)."""
 
-from quality_mnist import EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, STAGES, Stage
+from quality_mnist import DEFAULT2, EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, STAGES, Stage
 from quality_mnist import preset as preset_config
 
 ARMS = {
@@ -32,11 +32,11 @@ def arm_args(arm: str, base: str) -> tuple:
 
 STAGE_PRESETS = {  # stage → (preset, samplers scored at the final checkpoint, argument naming the teacher)
     "edm": ("mnist_edm.yaml", (HEUN10,), None),
-    "cd": ("mnist_cd.yaml", (ONE_STEP, "default2"), "--model.teacher"),
-    "ect": ("mnist_ect.yaml", (ONE_STEP, "default2"), "--model.init_from"),
-    "ict": ("mnist_quickstart.yaml", (ONE_STEP, "default2"), None),  # the quick-start, from scratch: no teacher
-    "sct": ("mnist_sct.yaml", (ONE_STEP, "default2"), "--model.init_from"),  # continuous time, from the weights
-    "scd": ("mnist_scd.yaml", (ONE_STEP, "default2"), "--model.teacher"),  # continuous time, from the velocity
+    "cd": ("mnist_cd.yaml", (ONE_STEP, DEFAULT2), "--model.teacher"),
+    "ect": ("mnist_ect.yaml", (ONE_STEP, DEFAULT2), "--model.init_from"),
+    "ict": ("mnist_quickstart.yaml", (ONE_STEP, DEFAULT2), None),  # the quick-start, from scratch: no teacher
+    "sct": ("mnist_sct.yaml", (ONE_STEP, DEFAULT2), "--model.init_from"),  # continuous time, from the weights
+    "scd": ("mnist_scd.yaml", (ONE_STEP, DEFAULT2), "--model.teacher"),  # continuous time, from the velocity
 }
 # student variants: the base stage with its own arguments (the suspects that concern one method), and the
 # preset run ``_x<k>`` times longer (its cosine decay, curriculum and tangent warm-up stretched alike)

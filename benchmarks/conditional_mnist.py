@@ -29,7 +29,7 @@ from torchvision.utils import save_image
 
 from ablation_mnist import TwoSpaces, key_of, sampler_of
 from common import ROOT, machine
-from quality_mnist import EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, Stage, module_class, train
+from quality_mnist import DEFAULT2, EDM2_LAW, EDM_LAW, HEUN10, ONE_STEP, Stage, module_class, train
 from callbacks import SampleGrid
 from cm_lightning.io.files import atomic_write
 from cm_lightning.nets.mnist_classifier import MNISTClassifier, mnist_tensors
@@ -67,7 +67,7 @@ def score(name: str, record: dict, stage: Stage, scorer: TwoSpaces, args, write)
         plan = [(f"{HEUN10}_w1", HEUN10, 1.0, args.num_samples)]
         plan += [(f"{HEUN10}_w{w:g}_sweep", HEUN10, w, args.guidance_samples) for w in args.guidance]
     else:
-        plan = [(key_of(module, s), sampler_of(module, s), None, args.num_samples) for s in (ONE_STEP, "default2")]
+        plan = [(key_of(module, s), sampler_of(module, s), None, args.num_samples) for s in (ONE_STEP, DEFAULT2)]
     for key, sampler, w, count in plan:
         if key in scores:
             continue
