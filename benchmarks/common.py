@@ -29,6 +29,13 @@ def preset_channels(config: dict) -> int:
     return 1 if "mnist" in config["data"]["class_path"].lower() else 3
 
 
+def with_net(config: dict, net: dict) -> dict:
+    """The preset ``config`` with its network's settings replaced by those in ``net`` (a copy)."""
+    model = config["model"]
+    net_config = {**model["init_args"]["net"], "init_args": {**model["init_args"]["net"]["init_args"], **net}}
+    return {**config, "model": {**model, "init_args": {**model["init_args"], "net": net_config}}}
+
+
 def build_module(config: dict, **overrides) -> ConsistencyTrainingModule:
     """The preset's network and recipe (seeded), with its Adam learning rate and no LR schedule."""
     init = config["model"]["init_args"]
@@ -59,23 +66,26 @@ def build_preset_module(config: dict, **overrides):
 
 
 class StepTimer(Callback):
-    """Wall time of the training steps after the first ``warmup`` ones (compilation happens there)."""
+    """Wall time of every training step after the first ``warmup`` ones (compilation happens there): ``times`` holds
+    the clock at the start of each timed step and at the end of training."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
+        self.warmup, self.times = warmup, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            sync(pl_module.device)
-            self.start = time.perf_counter()
+        if trainer.global_step >= self.warmup:  # (not batch_idx, which starts again with every epoch)
+            if trainer.global_step == self.warmup:
+                sync(pl_module.device)
+            self.times.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module):
         sync(pl_module.device)
-        self.end = time.perf_counter()
+        self.times.append(time.perf_counter())
 
 
-def fit_speed(module, data, args, device: torch.device) -> float:
-    """Training images/s of ``Trainer.fit`` (logger, checkpoints, progress bar off) after ``args.warmup`` steps."""
+def fit_step_times(module, data, args, device: torch.device) -> list[float]:
+    """Seconds of each ``Trainer.fit`` step (logger, checkpoints, progress bar off) after ``args.warmup`` steps: from
+    one step's start to the next's, so each holds everything Lightning does between two steps."""
     from lightning.pytorch import Trainer
 
     timer = StepTimer(args.warmup)
@@ -85,24 +95,37 @@ def fit_speed(module, data, args, device: torch.device) -> float:
         callbacks=[timer],
     )
     trainer.fit(module, data)
-    return (args.steps - args.warmup) * args.batch_size / (timer.end - timer.start)
+    return [b - a for a, b in zip(timer.times, timer.times[1:])]
 
 
-def loop_speed(data, steps: int, warmup: int, batch_size: int, device: torch.device, step) -> float:
-    """Images/s of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first ``warmup``
-    untimed: a plain training loop's speed."""
-    k, start = 0, None
+def fit_speed(module, data, args, device: torch.device) -> float:
+    """Training images/s of ``Trainer.fit`` (logger, checkpoints, progress bar off) after ``args.warmup`` steps."""
+    return args.batch_size * len(times := fit_step_times(module, data, args, device)) / sum(times)
+
+
+def loop_step_times(data, steps: int, warmup: int, device: torch.device, step) -> list[float]:
+    """Seconds of each call of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first
+    ``warmup`` untimed: a plain training loop's steps, from one step's start to the next's."""
+    k, times = 0, []
     while k < steps:
         for x in data:
             if k == warmup:
                 sync(device)
-                start = time.perf_counter()
+            if k >= warmup:
+                times.append(time.perf_counter())
             step(x.to(device, non_blocking=True), k)
             k += 1
             if k == steps:
                 break
     sync(device)
-    return (steps - warmup) * batch_size / (time.perf_counter() - start)
+    times.append(time.perf_counter())
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def loop_speed(data, steps: int, warmup: int, batch_size: int, device: torch.device, step) -> float:
+    """Images/s of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first ``warmup``
+    untimed: a plain training loop's speed."""
+    return batch_size * len(times := loop_step_times(data, steps, warmup, device, step)) / sum(times)
 
 
 def sync(device: torch.device) -> None:

@@ -1,15 +1,24 @@
 """What Lightning costs per training step, for every method: ``Trainer.fit`` against a plain PyTorch loop of the same
 step, on each MNIST preset (or the presets given), in one run.
 
-    python benchmarks/lightning_overhead.py [--configs configs/mnist_edm.yaml ...] [--steps 60] [--repeats 3]
+    python benchmarks/lightning_overhead.py [--configs configs/mnist_edm.yaml ...] [--steps 60] [--repeats 5]
+    python benchmarks/lightning_overhead.py --tiny     # Lightning's own cost per step, in milliseconds
 
 Both sides build the preset's module (its network, method settings and optimizer; the students from a random
 teacher of the preset's network, as ``method_speed.py`` does) and train it on the same in-memory batches. The
 plain loop is what a user without Lightning would write around the method's own math: ``module.losses(x)``,
 backward, the optimizer step and the averages (EMAs, θ⁻), nothing else. ``Trainer.fit`` adds what the module
 brings: seeded noise per step, logging calls, the non-finite policy (``--on-nonfinite``), the grad-norm and
-checkpoint guard, Lightning's loop. Logger, checkpointing and progress bar are off. The two alternate
-``repeats`` times; the first ``warmup`` steps are not timed. Writes ``results/lightning_overhead.json``.
+checkpoint guard, Lightning's loop. Logger, checkpointing and progress bar are off.
+
+Every step is timed, from its start to the next step's start, so a step holds all that Lightning does between two
+steps. After one untimed run of each side (the process's first steps are slower on both), the two alternate
+``repeats`` times; the first ``warmup`` steps of a run are not timed. The ratio is that of the median steps of all
+runs: on a shared machine a neighbour's burst slows some steps of one side (runs of the same side spread by up to
+30 %), while a cost of Lightning's is paid at every step and moves the median. The ratio of the best runs' images/s
+is reported beside it. ``--tiny`` shrinks every preset's network (and its teacher's) to three levels of 8 channels at
+batch 4, so a step takes milliseconds and the difference of the medians is the host time that Lightning and the
+module's per-step extras add. Writes ``results/lightning_overhead.json`` (``lightning_overhead_tiny.json``).
 """
 
 import argparse
@@ -20,21 +29,23 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import build_preset_module, fit_speed, load_preset, loop_speed, machine, median, preset_channels, write_result
+from common import (build_preset_module, fit_step_times, load_preset, loop_step_times, machine, median, preset_channels,
+                    with_net, write_result)
 from cm_lightning.core.ema import update_averages
 from method_speed import teacher_args
 
 PRESETS = ["mnist_quickstart", "mnist_ct", "mnist_edm", "mnist_cd", "mnist_ect", "mnist_sct", "mnist_scd"]
+TINY_NET = {"model_channels": 8, "channel_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": []}  # ``--tiny``
 
 
-def build(path: str, folder: Path, on_nonfinite: str):
-    config = load_preset(path)
+def build(path: str, folder: Path, on_nonfinite: str, net: dict):
+    config = with_net(load_preset(path), net)
     optimizer = config["model"]["init_args"].get("optimizer")
     overrides = {"on_nonfinite": on_nonfinite}
     if on_nonfinite == "skip_on_device":  # needs an optimizer that drops a step on the device: the preset's, fused
         optimizer = {**optimizer, "init_args": {**optimizer.get("init_args", {}), "fused": True}}
         config = {**config, "model": {**config["model"], "init_args": {**config["model"]["init_args"], "optimizer": optimizer}}}
-    return build_preset_module(config, **overrides, **teacher_args(path, folder))
+    return build_preset_module(config, **overrides, **teacher_args(path, folder, net))
 
 
 def prepared_by_hand(module, steps: int, device):
@@ -52,7 +63,7 @@ def prepared_by_hand(module, steps: int, device):
     return optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
 
 
-def plain_speed(module, data, args, device) -> float:
+def plain_step_times(module, data, args, device) -> list[float]:
     optimizer = prepared_by_hand(module, args.steps, device)
 
     def step(x, k):
@@ -62,39 +73,65 @@ def plain_speed(module, data, args, device) -> float:
         optimizer.step()
         update_averages(module.averaged_networks(), module.online)
 
-    return loop_speed(data, args.steps, args.warmup, args.batch_size, device, step)
+    return loop_step_times(data, args.steps, args.warmup, device, step)
+
+
+def measure(path: str, args, device: torch.device, folder: Path) -> dict:
+    """One preset: an untimed run of each side, then ``repeats`` alternating timed runs (a noisy neighbour slows both)."""
+    net = TINY_NET if args.tiny else {}
+    config = load_preset(path)
+    batch_size = args.batch_size or config["data"]["init_args"]["batch_size"]
+    images = torch.rand(batch_size * (args.steps + 1), preset_channels(config), 32, 32) * 2 - 1
+    data = DataLoader(images, batch_size=batch_size, shuffle=True, drop_last=True)
+    sides = {"lightning": lambda a: fit_step_times(build(path, folder, args.on_nonfinite, net), data, a, device),
+             "plain": lambda a: plain_step_times(build(path, folder, args.on_nonfinite, net), data, a, device)}
+    short = argparse.Namespace(**{**vars(args), "steps": args.warmup + 5})
+    for side in sides.values():
+        side(short)
+    runs = {name: [] for name in sides}
+    for _ in range(args.repeats):
+        for name, side in sides.items():
+            runs[name].append(side(args))
+    step = {name: median([t for run in times for t in run]) for name, times in runs.items()}
+    best = {name: max(batch_size * len(run) / sum(run) for run in times) for name, times in runs.items()}
+    return {
+        "batch_size": batch_size, "median_step_ms": {k: 1000 * v for k, v in step.items()},
+        "ratio_lightning_over_plain": step["plain"] / step["lightning"],
+        "lightning_ms_per_step": 1000 * (step["lightning"] - step["plain"]),
+        "best_run_images_per_s": best, "ratio_of_best_runs": best["lightning"] / best["plain"],
+        "runs_images_per_s": {k: [batch_size * len(r) / sum(r) for r in v] for k, v in runs.items()},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=[f"configs/{p}.yaml" for p in PRESETS])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--tiny", action="store_true", help="a network of three 8-channel levels at batch 4: the host time")
+    parser.add_argument("--steps", type=int, help="steps per run (default 60, --tiny 400)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, help="default: the preset's (--tiny: 4)")
     parser.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip", "skip_on_device"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--name", default="lightning_overhead")
+    parser.add_argument("--name", help="default: lightning_overhead (--tiny: lightning_overhead_tiny)")
     args = parser.parse_args()
+    args.steps = args.steps or (400 if args.tiny else 60)
+    args.batch_size = args.batch_size or (4 if args.tiny else None)
     args.precision = "32-true"
     device = torch.device(args.device)
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for path in args.configs:
-            config = load_preset(path)
-            args.batch_size = config["data"]["init_args"]["batch_size"]
-            images = torch.rand(args.batch_size * (args.steps + 1), preset_channels(config), 32, 32) * 2 - 1
-            data = DataLoader(images, batch_size=args.batch_size, shuffle=True, drop_last=True)
-            runs = {"lightning": [], "plain": []}
-            for _ in range(args.repeats):  # alternate, so a noisy neighbour slows both alike
-                runs["lightning"].append(fit_speed(build(path, Path(folder), args.on_nonfinite), data, args, device))
-                runs["plain"].append(plain_speed(build(path, Path(folder), args.on_nonfinite), data, args, device))
-            speed = {k: median(v) for k, v in runs.items()}
-            rows[path] = {"images_per_s": speed, "runs": runs, "ratio_lightning_over_plain": speed["lightning"] / speed["plain"]}
-            print(f"{path}: Lightning {speed['lightning']:.1f} images/s, plain {speed['plain']:.1f}, "
-                  f"ratio {rows[path]['ratio_lightning_over_plain']:.3f}", flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": str(device), "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "on_nonfinite": args.on_nonfinite, "presets": rows}
-    print(f"written to {write_result(args.name, result)}")
+            rows[path] = row = measure(path, args, device, Path(folder))
+            ms = row["median_step_ms"]
+            print(f"{path}: median step Lightning {ms['lightning']:.2f} ms, plain {ms['plain']:.2f} ms, ratio "
+                  f"{row['ratio_lightning_over_plain']:.3f} (best runs {row['ratio_of_best_runs']:.3f}), Lightning's "
+                  f"{row['lightning_ms_per_step']:.2f} ms per step", flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": str(device), "tiny": args.tiny,
+              "net": TINY_NET if args.tiny else "the preset's", "steps": args.steps, "warmup": args.warmup,
+              "repeats": args.repeats, "on_nonfinite": args.on_nonfinite, "presets": rows}
+    name = args.name or ("lightning_overhead_tiny" if args.tiny else "lightning_overhead")
+    print(f"written to {write_result(name, result)}")
 
 
 if __name__ == "__main__":

@@ -19,22 +19,25 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from common import build_preset_module, fit_speed, load_preset, machine, median, preset_channels, timed, write_result
+from common import (build_preset_module, fit_speed, load_preset, machine, median, preset_channels, timed, with_net,
+                    write_result)
 
 
 TEACHER_ARGS = {"cd": "teacher", "scd": "teacher", "ect": "init_from", "sct": "init_from"}  # preset suffix → argument
 
 
-def teacher_args(config_path: str, folder: Path) -> dict:
+def teacher_args(config_path: str, folder: Path, net: dict | None = None) -> dict:
     """The argument naming a (random) diffusion checkpoint that a student preset starts from, or none."""
     arg = TEACHER_ARGS.get(Path(config_path).stem.rpartition("_")[2])
-    return {arg: str(teacher_checkpoint(config_path, folder))} if arg else {}
+    return {arg: str(teacher_checkpoint(config_path, folder, net))} if arg else {}
 
 
-def teacher_checkpoint(config_path: str, folder: Path) -> Path:
-    """A DiffusionModule checkpoint (random weights) with the network of the ``_edm`` preset beside ``config_path``."""
+def teacher_checkpoint(config_path: str, folder: Path, net: dict | None = None) -> Path:
+    """A DiffusionModule checkpoint (random weights) with the network of the ``_edm`` preset beside ``config_path``
+    (its settings replaced by those in ``net``, if given)."""
     stem = Path(config_path).stem
-    teacher = build_preset_module(load_preset(str(Path(config_path).with_name(stem.rpartition("_")[0] + "_edm.yaml"))))
+    config = load_preset(str(Path(config_path).with_name(stem.rpartition("_")[0] + "_edm.yaml")))
+    teacher = build_preset_module(with_net(config, net or {}))
     checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
     teacher.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, folder / "teacher.ckpt")

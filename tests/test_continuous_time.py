@@ -270,7 +270,7 @@ def test_scd_starts_from_its_teacher_and_names_it_in_its_checkpoints(tmp_path):
     torch.manual_seed(0)
     m = tiny(ContinuousConsistencyModule, teacher=str(teacher), ema_decays=[0.9], tangent_warmup_steps=2)
     first = FirstWeights()
-    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[first])
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[first], log_every_n_steps=1)
     trainer.fit(m, DataLoader(torch.rand(16, 1, 16, 16) * 2 - 1, batch_size=4))
     saved = torch.load(teacher, weights_only=True)["state_dict"]  # the student starts from the teacher's eval weights
     assert all(torch.equal(v, saved[f"ema.0.net.{k}"]) for k, v in first.online.items())

@@ -2,12 +2,14 @@
 its callbacks) reads a device value on the host only where the non-finite policy must decide before the weights
 move. On a GPU each such read stalls the launch queue; a new ``.item()`` in a step fails here, on CPU."""
 
+import csv
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -94,3 +96,29 @@ def test_skip_on_device_reads_nothing_on_the_host(cls, source, tmp_path):
     data = DataLoader(torch.rand(16, 1, 16, 16) * 2 - 1, batch_size=4)
     make_trainer(tmp_path, max_steps=4, log_every_n_steps=1000, callbacks=[counter]).fit(module, data)
     assert counter.mode.sites == []
+
+
+@pytest.mark.parametrize("cls, source, names", [
+    (ConsistencyTrainingModule, None, {"train/num_scales", "train/target_ema"}),
+    (EasyConsistencyTuningModule, "init_from", {"train/stage", "train/mean_t_minus_r"}),
+    (ContinuousConsistencyModule, "init_from", {"train/tangent_rms", "train/tangent_warmup", "train/log_weight"}),
+], ids=["ict", "ect", "sct"])
+def test_curriculum_values_are_logged_at_the_loggers_steps_only(cls, source, names, tmp_path):
+    """Each ``self.log`` costs the host about a millisecond: a step's curriculum and diagnostic values are logged only
+    at the steps the logger writes, and reach it at every one of them (``train/loss``, for the progress bar, every
+    step)."""
+    extra = {source: str(module_checkpoint(tmp_path / "teacher.ckpt"))} if source else {}
+    torch.manual_seed(0)
+    module = tiny(cls, ema_decays=[0.9], **extra)
+    calls = []
+    log = module.log
+    module.log = lambda name, *args, **kwargs: (calls.append(name), log(name, *args, **kwargs))
+    logger = CSVLogger(tmp_path, name="", version="")
+    data = DataLoader(torch.rand(28, 1, 16, 16) * 2 - 1, batch_size=4)
+    make_trainer(tmp_path, max_steps=7, logger=logger, log_every_n_steps=3).fit(module, data)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    written = {name: [int(r["step"]) for r in rows if r.get(name)] for name in names | {"train/loss"}}
+    assert written["train/loss"] == [2, 5]
+    assert all(written[name] == [2, 5] for name in names), written
+    assert calls.count("train/loss") == 7
+    assert all(calls.count(name) == 2 for name in names), calls

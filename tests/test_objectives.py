@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from callbacks import FID, SampleGrid
 from cli import main
 from cm_lightning import ConsistencyTrainingModule, DiffusionModule, EDMDenoiser
-from cm_lightning.core.noise import step_seed
+from cm_lightning.core.noise import seeded_rng, step_seed
 from cm_lightning.core.objectives import EDMLoss
 from datamodules import MNISTDataModule
 from tests.helpers import make_trainer, randomise, tiny, tiny_args
@@ -52,6 +52,18 @@ class FirstLoss(Callback):
     def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
         if trainer.global_step == 1:
             self.loss = outputs["loss"].detach()
+
+
+def test_seeded_rng_draws_what_manual_seed_draws_and_leaves_the_generator_where_it_was():
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        expected = torch.randn(5), torch.rand(3)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    with seeded_rng(torch.device("cpu"), 1234):
+        drawn = torch.randn(5), torch.rand(3)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("cls", [ConsistencyTrainingModule, DiffusionModule])

@@ -3,6 +3,7 @@ and interruptions."""
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -41,3 +42,20 @@ def forked_rng(device: torch.device):
     """A block after which torch's RNG (CPU, and ``device``'s if it is another) is where it was: two passes run from
     the same state draw the same noise and dropout masks."""
     return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
+
+
+@contextmanager
+def seeded_rng(device: torch.device, seed: int):
+    """``forked_rng`` with its generators (CPU, and ``device``'s) seeded with ``seed`` inside: the draws of
+    ``torch.manual_seed(seed)`` on those devices, without seeding every other generator of the process (every GPU's,
+    left seeded after the block) at a cost to the host of about 0.2 ms per step."""
+    with forked_rng(device):
+        torch.default_generator.manual_seed(seed)
+        if device.type != "cpu":
+            module = torch.get_device_module(device.type)
+            if device.index is not None and hasattr(module, "device"):
+                with module.device(device.index):
+                    module.manual_seed(seed)
+            else:
+                module.manual_seed(seed)
+        yield

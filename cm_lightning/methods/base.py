@@ -25,7 +25,7 @@ from cm_lightning.core.conditioning import validate_label_spec
 from cm_lightning.core.ema import ema_decay, update_averages, validate_decays, weights_keys
 from cm_lightning.core.karras import validate_sigma_range
 from cm_lightning.core.lr_schedules import CosineDecay
-from cm_lightning.core.noise import forked_rng, step_seed
+from cm_lightning.core.noise import seeded_rng, step_seed
 from cm_lightning.core.nonfinite import ON_DEVICE, POLICIES, NonFiniteGuard, finite_on_all_ranks, nonfinite_loss
 from cm_lightning.core.structure import module_structure, structure_refusal
 from cm_lightning.io.module_paths import imported_class, with_canonical_net
@@ -206,6 +206,16 @@ class GenerativeModule(Sampling, LightningModule):
         """Whether the module is attached to a Trainer that runs ``fit`` (not ``test``, not built in Python)."""
         return self._trainer is not None and self.trainer.state.fn == "fit"  # private: no public "is attached"
 
+    def log_at_logging_steps(self, values: dict[str, float | Tensor]) -> None:
+        """A training step's curriculum and diagnostic values, logged only at the steps the logger writes (every
+        ``--trainer.log_every_n_steps``): a value logged between them is overwritten unseen, and each ``self.log``
+        costs the host about a millisecond. ``train/loss``, which the progress bar shows, is logged every step."""
+        if self._trainer is None:
+            return  # built in Python, no Trainer: nothing to log to
+        connector = getattr(self.trainer, "_logger_connector", None)  # private: Lightning's "does the logger write"
+        if connector is None or connector.should_update_logs:
+            self.log_dict(values)
+
     def count_skipped_step(self) -> None:
         """A step dropped by the non-finite policy ``skip`` (``train/skipped_steps``)."""
         self._skipped_steps += 1
@@ -292,8 +302,7 @@ class GenerativeModule(Sampling, LightningModule):
         """The method's losses under the step's own seed (``core.noise.step_seed``); a non-finite loss stops
         the run or skips the step on every rank alike (``core.nonfinite``)."""
         x, labels = self.batch_of(batch)
-        with forked_rng(x.device):
-            torch.manual_seed(step_seed(self._seed, self.global_step, batch_idx, self.global_rank))
+        with seeded_rng(x.device, step_seed(self._seed, self.global_step, batch_idx, self.global_rank)):
             loss = (self.losses(x, labels) if labels is not None else self.losses(x)).mean()
         if self.hparams.on_nonfinite == ON_DEVICE:  # decided on the device from the gradients (NonFiniteGuard)
             self.log("train/loss", loss, prog_bar=True)

@@ -85,8 +85,8 @@ class ConsistencyTrainingModule(ConsistencyModule):
 
     def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         k = self.global_step
-        self.log("train/num_scales", float(self.num_scales(k)))
-        self.log("train/target_ema", self.recipe.target_ema(self.num_scales(k)))
+        self.log_at_logging_steps({"train/num_scales": float(self.num_scales(k)),
+                                   "train/target_ema": self.recipe.target_ema(self.num_scales(k))})
         z, self._sigma_n, self._sigma_next = self.objective.draw(x, k, self._total_steps)
         if labels is None:  # (a subclass's consistency_loss of before labels existed keeps working)
             return self.consistency_loss(x, z, self._sigma_n, self._sigma_next)

@@ -116,9 +116,9 @@ class ContinuousConsistencyModule(FrozenTeacher, ConsistencyModule):
         teacher = self.guided_teacher(labels) if self._teacher is not None else None
         online = self.trigflow(self.online, labels)  # the student's forward: through DDP's forward, so gradients sync
         terms = self.objective.loss(online, online, self.log_weight, x, z, self._t, self.global_step, teacher)
-        self.log("train/tangent_rms", terms.tangent_rms.mean())
-        self.log("train/tangent_warmup", tangent_warmup(self.global_step, self.hparams.tangent_warmup_steps))
-        self.log("train/log_weight", terms.log_weight.mean())
+        self.log_at_logging_steps({
+            "train/tangent_rms": terms.tangent_rms.mean(), "train/log_weight": terms.log_weight.mean(),
+            "train/tangent_warmup": tangent_warmup(self.global_step, self.hparams.tangent_warmup_steps)})
         return terms.loss
 
     def describe_step(self) -> str:

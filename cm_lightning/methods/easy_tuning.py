@@ -97,8 +97,7 @@ class EasyConsistencyTuningModule(ConsistencyModule):
     def losses(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         stage = self.stage()
         z, self._t, self._r = self.objective.draw(x, stage)
-        self.log("train/stage", float(stage))
-        self.log("train/mean_t_minus_r", (self._t - self._r).mean())
+        self.log_at_logging_steps({"train/stage": float(stage), "train/mean_t_minus_r": (self._t - self._r).mean()})
         f = bind_labels(self.training_function(), labels)
         return self.objective.loss(f, f, x, z, self._t, self._r)
 
