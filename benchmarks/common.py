@@ -83,7 +83,7 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter())
 
 
-def fit_step_times(module, data, args, device: torch.device) -> list[float]:
+def fit_step_times(module, data, args, device: torch.device, callbacks: list[Callback] = ()) -> list[float]:
     """Seconds of each ``Trainer.fit`` step (logger, checkpoints, progress bar off) after ``args.warmup`` steps: from
     one step's start to the next's, so each holds everything Lightning does between two steps."""
     from lightning.pytorch import Trainer
@@ -92,7 +92,7 @@ def fit_step_times(module, data, args, device: torch.device) -> list[float]:
     trainer = Trainer(
         accelerator=device.type, devices=1, max_steps=args.steps, precision=args.precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     trainer.fit(module, data)
     return [b - a for a, b in zip(timer.times, timer.times[1:])]

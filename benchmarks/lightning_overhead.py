@@ -1,7 +1,7 @@
 """What Lightning costs per training step, for every method: ``Trainer.fit`` against a plain PyTorch loop of the same
 step, on each MNIST preset (or the presets given), in one run.
 
-    python benchmarks/lightning_overhead.py [--configs configs/mnist_edm.yaml ...] [--steps 60] [--repeats 5]
+    python benchmarks/lightning_overhead.py [--configs configs/mnist_edm.yaml ...] [--steps 60] [--repeats 3]
     python benchmarks/lightning_overhead.py --tiny     # Lightning's own cost per step, in milliseconds
 
 Both sides build the preset's module (its network, method settings and optimizer; the students from a random
@@ -11,14 +11,15 @@ backward, the optimizer step and the averages (EMAs, θ⁻), nothing else. ``Tra
 brings: seeded noise per step, logging calls, the non-finite policy (``--on-nonfinite``), the grad-norm and
 checkpoint guard, Lightning's loop. Logger, checkpointing and progress bar are off.
 
-Every step is timed, from its start to the next step's start, so a step holds all that Lightning does between two
-steps. After one untimed run of each side (the process's first steps are slower on both), the two alternate
-``repeats`` times; the first ``warmup`` steps of a run are not timed. The ratio is that of the median steps of all
-runs: on a shared machine a neighbour's burst slows some steps of one side (runs of the same side spread by up to
-30 %), while a cost of Lightning's is paid at every step and moves the median. The ratio of the best runs' images/s
-is reported beside it. ``--tiny`` shrinks every preset's network (and its teacher's) to three levels of 8 channels at
-batch 4, so a step takes milliseconds and the difference of the medians is the host time that Lightning and the
-module's per-step extras add. Writes ``results/lightning_overhead.json`` (``lightning_overhead_tiny.json``).
+The two sides take turns step by step: after each ``Trainer.fit`` step a callback runs one plain step of a second
+module on the same batch, timed on its own and left out of the Lightning step's time (from its start to the next
+step's start, so it holds all that Lightning does between two steps). On a shared machine a neighbour slows the
+steps of a minute or so, and runs of one side taken in turn spread by up to 30 %; steps taken in turn see the same
+machine. The ratio is that of the median steps over ``repeats`` runs (the first ``warmup`` steps of each untimed);
+that of the total times is reported beside it. ``--tiny`` shrinks every preset's network (and its teacher's) to
+three levels of 8 channels at batch 4, so that the difference of the medians is the host time that Lightning and the
+module's per-step extras add. On a GPU each timed plain step is bracketed by synchronisations, which the Lightning
+steps then wait for too. Writes ``results/lightning_overhead.json`` (``lightning_overhead_tiny.json``).
 """
 
 import argparse
@@ -27,10 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
-from common import (build_preset_module, fit_step_times, load_preset, loop_step_times, machine, median, preset_channels,
-                    with_net, write_result)
+from common import (build_preset_module, fit_step_times, load_preset, machine, median, preset_channels, sync, with_net,
+                    write_result)
 from cm_lightning.core.ema import update_averages
 from method_speed import teacher_args
 
@@ -63,43 +65,65 @@ def prepared_by_hand(module, steps: int, device):
     return optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
 
 
-def plain_step_times(module, data, args, device) -> list[float]:
-    optimizer = prepared_by_hand(module, args.steps, device)
+def plain_step(module, steps: int, device):
+    """One step of the plain loop on a batch: the method's losses, backward, the optimizer, the averages."""
+    optimizer = prepared_by_hand(module, steps, device)
 
-    def step(x, k):
+    def step(x):
         loss = module.losses(x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         update_averages(module.averaged_networks(), module.online)
 
-    return loop_step_times(data, args.steps, args.warmup, device, step)
+    return step
+
+
+class PairedPlainSteps(Callback):
+    """After each ``Trainer.fit`` step, one plain-loop step of another module on the same batch, timed on its own:
+    the two sides alternate step by step, so both see the machine as it is at that moment."""
+
+    def __init__(self, step, warmup: int):
+        self.step, self.warmup, self.times = step, warmup, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sync(pl_module.device)
+        start = time.perf_counter()
+        self.step(batch)
+        sync(pl_module.device)
+        if trainer.global_step > self.warmup:  # (counted after the step: the warm-up steps are 1 … warmup)
+            self.times.append(time.perf_counter() - start)
+
+
+def paired_step_times(path: str, args, device: torch.device, folder: Path, data) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step of ``Trainer.fit`` and of the plain loop, run in turn on the same batches."""
+    net = TINY_NET if args.tiny else {}
+    plain = PairedPlainSteps(plain_step(build(path, folder, args.on_nonfinite, net), args.steps, device), args.warmup)
+    module = build(path, folder, args.on_nonfinite, net)
+    between = fit_step_times(module, data, args, device, callbacks=[plain])  # each holds one plain step
+    return [b - p for b, p in zip(between, plain.times, strict=True)], plain.times
 
 
 def measure(path: str, args, device: torch.device, folder: Path) -> dict:
-    """One preset: an untimed run of each side, then ``repeats`` alternating timed runs (a noisy neighbour slows both)."""
-    net = TINY_NET if args.tiny else {}
+    """One preset: ``repeats`` runs of the two sides in turn, step by step."""
     config = load_preset(path)
     batch_size = args.batch_size or config["data"]["init_args"]["batch_size"]
     images = torch.rand(batch_size * (args.steps + 1), preset_channels(config), 32, 32) * 2 - 1
     data = DataLoader(images, batch_size=batch_size, shuffle=True, drop_last=True)
-    sides = {"lightning": lambda a: fit_step_times(build(path, folder, args.on_nonfinite, net), data, a, device),
-             "plain": lambda a: plain_step_times(build(path, folder, args.on_nonfinite, net), data, a, device)}
-    short = argparse.Namespace(**{**vars(args), "steps": args.warmup + 5})
-    for side in sides.values():
-        side(short)
-    runs = {name: [] for name in sides}
+    runs = {"lightning": [], "plain": []}
     for _ in range(args.repeats):
-        for name, side in sides.items():
-            runs[name].append(side(args))
+        lightning, plain = paired_step_times(path, argparse.Namespace(**{**vars(args), "batch_size": batch_size}),
+                                             device, folder, data)
+        runs["lightning"].append(lightning)
+        runs["plain"].append(plain)
     step = {name: median([t for run in times for t in run]) for name, times in runs.items()}
-    best = {name: max(batch_size * len(run) / sum(run) for run in times) for name, times in runs.items()}
+    speeds = {name: [batch_size * len(r) / sum(r) for r in times] for name, times in runs.items()}
     return {
         "batch_size": batch_size, "median_step_ms": {k: 1000 * v for k, v in step.items()},
         "ratio_lightning_over_plain": step["plain"] / step["lightning"],
         "lightning_ms_per_step": 1000 * (step["lightning"] - step["plain"]),
-        "best_run_images_per_s": best, "ratio_of_best_runs": best["lightning"] / best["plain"],
-        "runs_images_per_s": {k: [batch_size * len(r) / sum(r) for r in v] for k, v in runs.items()},
+        "runs_images_per_s": speeds,
+        "ratio_of_run_totals": sum(sum(r) for r in runs["plain"]) / sum(sum(r) for r in runs["lightning"]),
     }
 
 
@@ -109,7 +133,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a network of three 8-channel levels at batch 4: the host time")
     parser.add_argument("--steps", type=int, help="steps per run (default 60, --tiny 400)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, help="default: the preset's (--tiny: 4)")
     parser.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip", "skip_on_device"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +149,7 @@ def main() -> None:
             rows[path] = row = measure(path, args, device, Path(folder))
             ms = row["median_step_ms"]
             print(f"{path}: median step Lightning {ms['lightning']:.2f} ms, plain {ms['plain']:.2f} ms, ratio "
-                  f"{row['ratio_lightning_over_plain']:.3f} (best runs {row['ratio_of_best_runs']:.3f}), Lightning's "
+                  f"{row['ratio_lightning_over_plain']:.3f} (of the total times {row['ratio_of_run_totals']:.3f}), Lightning's "
                   f"{row['lightning_ms_per_step']:.2f} ms per step", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": str(device), "tiny": args.tiny,
               "net": TINY_NET if args.tiny else "the preset's", "steps": args.steps, "warmup": args.warmup,
