@@ -47,8 +47,8 @@ def forked_rng(device: torch.device):
 @contextmanager
 def seeded_rng(device: torch.device, seed: int):
     """``forked_rng`` with its generators (CPU, and ``device``'s) seeded with ``seed`` inside: the draws of
-    ``torch.manual_seed(seed)`` on those devices, without seeding every other generator of the process (every GPU's,
-    left seeded after the block) at a cost to the host of about 0.2 ms per step."""
+    ``torch.manual_seed(seed)`` on those devices. ``torch.manual_seed`` would also seed every other generator of the
+    process (every GPU's, left seeded after the block) and cost the host about 0.2 ms per step."""
     with forked_rng(device):
         torch.default_generator.manual_seed(seed)
         if device.type != "cpu":
