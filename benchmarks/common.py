@@ -103,29 +103,21 @@ def fit_speed(module, data, args, device: torch.device) -> float:
     return args.batch_size * len(times := fit_step_times(module, data, args, device)) / sum(times)
 
 
-def loop_step_times(data, steps: int, warmup: int, device: torch.device, step) -> list[float]:
-    """Seconds of each call of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first
-    ``warmup`` untimed: a plain training loop's steps, from one step's start to the next's."""
-    k, times = 0, []
+def loop_speed(data, steps: int, warmup: int, batch_size: int, device: torch.device, step) -> float:
+    """Images/s of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first ``warmup``
+    untimed: a plain training loop's speed."""
+    k, start = 0, None
     while k < steps:
         for x in data:
             if k == warmup:
                 sync(device)
-            if k >= warmup:
-                times.append(time.perf_counter())
+                start = time.perf_counter()
             step(x.to(device, non_blocking=True), k)
             k += 1
             if k == steps:
                 break
     sync(device)
-    times.append(time.perf_counter())
-    return [b - a for a, b in zip(times, times[1:])]
-
-
-def loop_speed(data, steps: int, warmup: int, batch_size: int, device: torch.device, step) -> float:
-    """Images/s of ``step(x, k)`` over the batches of ``data`` (cycled) for ``steps`` steps, the first ``warmup``
-    untimed: a plain training loop's speed."""
-    return batch_size * len(times := loop_step_times(data, steps, warmup, device, step)) / sum(times)
+    return (steps - warmup) * batch_size / (time.perf_counter() - start)
 
 
 def sync(device: torch.device) -> None:

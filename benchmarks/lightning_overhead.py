@@ -40,14 +40,15 @@ PRESETS = ["mnist_quickstart", "mnist_ct", "mnist_edm", "mnist_cd", "mnist_ect",
 TINY_NET = {"model_channels": 8, "channel_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": []}  # ``--tiny``
 
 
-def build(path: str, folder: Path, on_nonfinite: str, net: dict):
+def build(path: str, on_nonfinite: str, net: dict, teacher: dict):
+    """The preset's module with the network settings ``net``; ``teacher``: ``method_speed.teacher_args``'s."""
     config = with_net(load_preset(path), net)
     optimizer = config["model"]["init_args"].get("optimizer")
     overrides = {"on_nonfinite": on_nonfinite}
     if on_nonfinite == "skip_on_device":  # needs an optimizer that drops a step on the device: the preset's, fused
         optimizer = {**optimizer, "init_args": {**optimizer.get("init_args", {}), "fused": True}}
         config = {**config, "model": {**config["model"], "init_args": {**config["model"]["init_args"], "optimizer": optimizer}}}
-    return build_preset_module(config, **overrides, **teacher_args(path, folder, net))
+    return build_preset_module(config, **overrides, **teacher)
 
 
 def prepared_by_hand(module, steps: int, device):
@@ -95,11 +96,11 @@ class PairedPlainSteps(Callback):
             self.times.append(time.perf_counter() - start)
 
 
-def paired_step_times(path: str, args, device: torch.device, folder: Path, data) -> tuple[list[float], list[float]]:
-    """Seconds of each timed step of ``Trainer.fit`` and of the plain loop, run in turn on the same batches."""
-    net = TINY_NET if args.tiny else {}
-    plain = PairedPlainSteps(plain_step(build(path, folder, args.on_nonfinite, net), args.steps, device), args.warmup)
-    module = build(path, folder, args.on_nonfinite, net)
+def paired_step_times(build_module, args, device: torch.device, data) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step of ``Trainer.fit`` and of the plain loop, run in turn on the same batches, each
+    side with a module of its own from ``build_module()``."""
+    plain = PairedPlainSteps(plain_step(build_module(), args.steps, device), args.warmup)
+    module = build_module()
     between = fit_step_times(module, data, args, device, callbacks=[plain])  # each holds one plain step
     return [b - p for b, p in zip(between, plain.times, strict=True)], plain.times
 
@@ -110,10 +111,12 @@ def measure(path: str, args, device: torch.device, folder: Path) -> dict:
     batch_size = args.batch_size or config["data"]["init_args"]["batch_size"]
     images = torch.rand(batch_size * (args.steps + 1), preset_channels(config), 32, 32) * 2 - 1
     data = DataLoader(images, batch_size=batch_size, shuffle=True, drop_last=True)
+    net = TINY_NET if args.tiny else {}
+    teacher = teacher_args(path, folder, net)  # (a student's random teacher, written once)
+    run_args = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
     runs = {"lightning": [], "plain": []}
     for _ in range(args.repeats):
-        lightning, plain = paired_step_times(path, argparse.Namespace(**{**vars(args), "batch_size": batch_size}),
-                                             device, folder, data)
+        lightning, plain = paired_step_times(lambda: build(path, args.on_nonfinite, net, teacher), run_args, device, data)
         runs["lightning"].append(lightning)
         runs["plain"].append(plain)
     step = {name: median([t for run in times for t in run]) for name, times in runs.items()}
